@@ -1,0 +1,28 @@
+"""tutorial_lib: the shared library of the book *Beyond BERT*.
+
+Modules, each readable on its own:
+
+* :mod:`tutorial_lib.config`: ``TransformerConfig`` and named presets;
+* :mod:`tutorial_lib.attention`: the attention core and its plugin extension point;
+* :mod:`tutorial_lib.positions`: sinusoidal positions and RoPE;
+* :mod:`tutorial_lib.model`: encoder/decoder stacks and heads;
+* :mod:`tutorial_lib.interop`: loading Hugging Face weights;
+* :mod:`tutorial_lib.data`, :mod:`tutorial_lib.tokenization`, :mod:`tutorial_lib.batching`:
+  datasets, tokenizers, collators;
+* :mod:`tutorial_lib.training`, :mod:`tutorial_lib.checkpoint`,
+  :mod:`tutorial_lib.distributed`: the training loop (CLI: ``python -m tutorial_lib.train``).
+"""
+
+from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
+from .config import PRESETS, TransformerConfig
+from .model import (CausalLM, Encoder, MaskedLM, ModelOutput, SequenceClassifier,
+                    build_model)
+from .positions import RotaryEmbedding, sinusoidal_embedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionContext", "AttentionPlugin", "MultiHeadAttention", "SlidingWindowMask",
+    "PRESETS", "TransformerConfig", "CausalLM", "Encoder", "MaskedLM", "ModelOutput",
+    "SequenceClassifier", "build_model", "RotaryEmbedding", "sinusoidal_embedding",
+]

@@ -1,0 +1,157 @@
+"""Model configuration: one validated dataclass and a few named presets.
+
+Every model in the book is described by a :class:`TransformerConfig`. A chapter
+that changes the architecture does so through a field here (or by adding an
+attention plugin, see :mod:`tutorial_lib.attention`), never by copying a model.
+
+Presets are shapes only; everything else is passed as an override::
+
+    TransformerConfig.preset("cpu-notebook", vocab_size=8000)
+    TransformerConfig.preset("bert-base", causal=True, norm_position="pre")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
+NORM_POSITIONS = ("post", "pre")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ROTARY_PAIRINGS = ("half", "interleaved")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For unit tests: every code path, milliseconds per step.
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                 max_position_embeddings=128),
+    # The CPU notebook model: trains on WikiText-2 in minutes on two cores.
+    "cpu-notebook": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                         max_position_embeddings=512),
+    # The BERT family of Turc et al. (2019) and BERT-base (Devlin et al., 2019).
+    "bert-small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048,
+                       max_position_embeddings=512),
+    "bert-medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,
+                        max_position_embeddings=512),
+    "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                      max_position_embeddings=512, vocab_size=30522),
+}
+
+
+@dataclass
+class TransformerConfig:
+    """Hyperparameters of an encoder (``causal=False``) or decoder (``causal=True``) stack.
+
+    Defaults are BERT's where BERT has one (post-LN, GELU, learned positions,
+    two token types, LayerNorm epsilon 1e-12, initialiser std 0.02).
+    """
+
+    vocab_size: int = 8000
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 512
+    # Absolute positions added to the input: "learned" (BERT, GPT-2), "sinusoidal"
+    # (Vaswani et al.) or "none" (when positions enter through attention only).
+    position_embedding: str = "learned"
+    # 0 disables token-type (segment) embeddings.
+    type_vocab_size: int = 2
+    causal: bool = False
+    # "post": LayerNorm after each residual sum (BERT); "pre": before each sublayer,
+    # with a final LayerNorm (GPT-2, Xiong et al. 2020).
+    norm_position: str = "post"
+    activation: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = True
+    # Attention options every chapter can switch on (see tutorial_lib.attention).
+    rotary: bool = False
+    rotary_base: float = 10000.0
+    rotary_pairing: str = "half"
+    attention_window: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field for any invalid combination."""
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                             f"got {self.position_embedding!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, "
+                             f"got {self.norm_position!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id!r}")
+        if self.rotary_pairing not in ROTARY_PAIRINGS:
+            raise ValueError(f"rotary_pairing must be one of {ROTARY_PAIRINGS}, "
+                             f"got {self.rotary_pairing!r}")
+        if self.rotary and self.head_dim % 2:
+            raise ValueError(f"rotary needs an even head dimension, got hidden_size/num_heads "
+                             f"= {self.head_dim}")
+        if self.rotary_base <= 1:
+            raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
+        if self.attention_window is not None and (
+                not isinstance(self.attention_window, int) or self.attention_window < 1):
+            raise ValueError(f"attention_window must be None or an integer >= 1, "
+                             f"got {self.attention_window!r}")
+
+    # -- presets and serialisation -------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+        """A named shape (see ``PRESETS``) with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s): {unknown}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TransformerConfig":
+        return cls.from_dict(json.loads(text))
+
+    def diff(self, other: "TransformerConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: ``{name: (self_value, other_value)}``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}

@@ -1,0 +1,178 @@
+"""Load Hugging Face ``transformers`` models into tutorial_lib models.
+
+:func:`from_hf` converts a ``BertModel``, ``BertForMaskedLM`` or
+``BertForSequenceClassification`` into the equivalent :class:`~tutorial_lib.model.Encoder`,
+:class:`~tutorial_lib.model.MaskedLM` or :class:`~tutorial_lib.model.SequenceClassifier`.
+The conversion copies tensors one to one; tests build the Hugging Face model
+from a config with random weights and check that the outputs agree to 1e-5 in
+float32, padded batches included. Online, :func:`load_pretrained` downloads a
+real checkpoint (``bert-base-uncased``) and converts it.
+
+``transformers`` is imported lazily: the rest of the library does not need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TransformerConfig
+from .model import Encoder, MaskedLM, SequenceClassifier
+
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                   "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf_bert(hf_config: Any) -> TransformerConfig:
+    """Translate a ``BertConfig`` into a :class:`TransformerConfig` (post-LN, learned positions)."""
+    position_type = getattr(hf_config, "position_embedding_type", "absolute") or "absolute"
+    if position_type != "absolute":
+        raise ValueError(f"only absolute position embeddings are supported, the config has "
+                         f"position_embedding_type={position_type!r}")
+    if getattr(hf_config, "is_decoder", False):
+        raise ValueError("BERT configured as a decoder (is_decoder=True) is not supported")
+    activation = hf_config.hidden_act
+    if activation not in _HF_ACTIVATIONS:
+        raise ValueError(f"hidden_act {activation!r} is not supported; "
+                         f"supported: {sorted(_HF_ACTIVATIONS)}")
+    return TransformerConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        position_embedding="learned",
+        type_vocab_size=hf_config.type_vocab_size,
+        norm_position="post",
+        activation=_HF_ACTIVATIONS[activation],
+        hidden_dropout=hf_config.hidden_dropout_prob,
+        attention_dropout=hf_config.attention_probs_dropout_prob,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        initializer_range=hf_config.initializer_range,
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+    )
+
+
+def _bert_encoder_mapping(config: TransformerConfig, prefix: str) -> dict[str, str]:
+    """tutorial_lib encoder parameter name -> Hugging Face BertModel parameter name."""
+    mapping = {
+        "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
+        "embeddings.norm.weight": "embeddings.LayerNorm.weight",
+        "embeddings.norm.bias": "embeddings.LayerNorm.bias",
+    }
+    for i in range(config.num_layers):
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            for kind in ("weight", "bias"):
+                mapping[f"{ours}attention.{name}.{kind}"] = f"{theirs}attention.self.{name}.{kind}"
+        for kind in ("weight", "bias"):
+            mapping[f"{ours}attention.output.{kind}"] = f"{theirs}attention.output.dense.{kind}"
+            mapping[f"{ours}attention_norm.{kind}"] = f"{theirs}attention.output.LayerNorm.{kind}"
+            mapping[f"{ours}feed_forward.up.{kind}"] = f"{theirs}intermediate.dense.{kind}"
+            mapping[f"{ours}feed_forward.down.{kind}"] = f"{theirs}output.dense.{kind}"
+            mapping[f"{ours}feed_forward_norm.{kind}"] = f"{theirs}output.LayerNorm.{kind}"
+    return {ours: prefix + theirs for ours, theirs in mapping.items()}
+
+
+def _copy(target: nn.Module, source_state: dict[str, torch.Tensor],
+          mapping: dict[str, str]) -> None:
+    """Copy every mapped tensor, and check that no parameter of ``target`` was missed."""
+    state = target.state_dict()
+    missing_theirs = sorted(v for v in mapping.values() if v not in source_state)
+    if missing_theirs:
+        raise KeyError(f"the Hugging Face model lacks expected weights: {missing_theirs[:5]}")
+    unmapped = sorted(set(state) - set(mapping))
+    if unmapped:
+        raise KeyError(f"no Hugging Face weight mapped to: {unmapped[:5]}")
+    new_state = {}
+    for ours, theirs in mapping.items():
+        tensor = source_state[theirs]
+        if tuple(tensor.shape) != tuple(state[ours].shape):
+            raise ValueError(f"shape mismatch for {ours}: ours {tuple(state[ours].shape)}, "
+                             f"Hugging Face {theirs} {tuple(tensor.shape)}")
+        new_state[ours] = tensor.detach().clone().to(state[ours].dtype)
+    target.load_state_dict(new_state, strict=True)
+
+
+def from_hf(hf_model: nn.Module) -> nn.Module:
+    """Convert a Hugging Face BERT model into the equivalent tutorial_lib model.
+
+    * ``BertModel`` -> :class:`Encoder` (the unused pooler is dropped);
+    * ``BertForMaskedLM`` -> :class:`MaskedLM`;
+    * ``BertForSequenceClassification`` -> :class:`SequenceClassifier` (``pooling="cls"``,
+      regression when ``num_labels == 1``).
+
+    The returned model is in the same training/eval mode as ``hf_model``.
+    """
+    kind = type(hf_model).__name__
+    if kind not in ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"):
+        raise TypeError(f"from_hf supports BertModel, BertForMaskedLM and "
+                        f"BertForSequenceClassification; got {kind}")
+    hf_state = hf_model.state_dict()
+    config = config_from_hf_bert(hf_model.config)
+    if kind == "BertModel":
+        model: nn.Module = Encoder(config)
+        _copy(model, hf_state, _bert_encoder_mapping(config, ""))
+    elif kind == "BertForMaskedLM":
+        model = MaskedLM(config)
+        mapping = {f"encoder.{k}": v for k, v in _bert_encoder_mapping(config, "bert.").items()}
+        head = "cls.predictions."
+        mapping.update({
+            "transform.weight": head + "transform.dense.weight",
+            "transform.bias": head + "transform.dense.bias",
+            "transform_norm.weight": head + "transform.LayerNorm.weight",
+            "transform_norm.bias": head + "transform.LayerNorm.bias",
+            "output_bias": head + "bias",
+        })
+        if not config.tie_word_embeddings:
+            mapping["output_weight"] = head + "decoder.weight"
+        _copy(model, hf_state, mapping)
+    elif kind == "BertForSequenceClassification":
+        dropout = getattr(hf_model.config, "classifier_dropout", None)
+        model = SequenceClassifier(config, num_labels=hf_model.config.num_labels, pooling="cls",
+                                   classifier_dropout=dropout)
+        mapping = {f"encoder.{k}": v for k, v in _bert_encoder_mapping(config, "bert.").items()}
+        mapping.update({
+            "pooler.weight": "bert.pooler.dense.weight",
+            "pooler.bias": "bert.pooler.dense.bias",
+            "classifier.weight": "classifier.weight",
+            "classifier.bias": "classifier.bias",
+        })
+        _copy(model, hf_state, mapping)
+    model.train(hf_model.training)
+    return model
+
+
+def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
+                    num_labels: int = 2, **hf_kwargs: Any) -> nn.Module:
+    """Download a Hugging Face checkpoint (needs internet) and convert it with :func:`from_hf`.
+
+    ``task`` is ``"encoder"``, ``"mlm"`` or ``"classification"``. Pin a revision with
+    ``revision=...`` for reproducible runs.
+    """
+    import transformers
+
+    classes = {"encoder": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
+               "classification": transformers.BertForSequenceClassification}
+    if task not in classes:
+        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+    if task == "classification":
+        hf_kwargs["num_labels"] = num_labels
+    hf_model = classes[task].from_pretrained(name, **hf_kwargs)
+    return from_hf(hf_model.eval())
+
+
+def load_pretrained_tokenizer(name: str = "bert-base-uncased", **hf_kwargs: Any):
+    """The matching tokenizer as a :class:`tutorial_lib.tokenization.TextTokenizer` (online)."""
+    import transformers
+
+    from .tokenization import TextTokenizer
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hf_kwargs)
+    return TextTokenizer(hf_tokenizer.backend_tokenizer)
