@@ -1,0 +1,22 @@
+"""The benchmark scripts run and end with a JSON line (timings are never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_encoder_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_encoder.py", "--hidden", "32", "--layers", "1",
+         "--heads", "2", "--ffn", "64", "--vocab", "100", "--batch", "2", "--seqs", "16", "32",
+         "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for seq in ("seq16", "seq32"):
+        assert report[seq]["time_ratio"] > 0
+        assert report[seq]["peak_memory_ratio"] > 0
