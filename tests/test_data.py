@@ -1,0 +1,312 @@
+"""Data files: search order, checksums, atomic downloads (faked, offline), loaders."""
+
+import hashlib
+import os
+
+import pytest
+
+from tutorial_lib import data
+
+CONTENT = b"line one\nline two\n"
+
+
+def entry_for(content, relpath="fake/file.txt", **overrides):
+    fields = dict(relpath=relpath, url=f"https://example.invalid/{relpath}", size=len(content),
+                  sha256=hashlib.sha256(content).hexdigest())
+    fields.update(overrides)
+    return data.DataFile(**fields)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No network, no user cache, no TUTORIAL_LIB_DATA, and a cwd with no shared/ above it."""
+    def no_network(url, destination):
+        pytest.fail(f"a test tried to download {url}")
+    monkeypatch.setattr(data, "download_url", no_network)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TUTORIAL_LIB_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def fake_file(monkeypatch):
+    entry = entry_for(CONTENT)
+    monkeypatch.setitem(data.REGISTRY, entry.relpath, entry)
+    return entry
+
+
+def shared_or_skip(relpath):
+    try:
+        return data.find_file(relpath, download=False)
+    except data.DataNotFoundError:
+        pytest.skip(f"the book's shared data ({relpath}) is not on this machine")
+
+
+# --- registry and search order ------------------------------------------------------------
+
+def test_registry_matches_the_manifest_sizes_and_pins_urls_to_commits():
+    assert data.REGISTRY["wikitext-2/valid.txt"].size == 1_121_681
+    assert data.REGISTRY["sst-2/dev.tsv"].sha256.startswith("84207e6b")
+    for entry in data.REGISTRY.values():
+        assert entry.url.startswith("https://raw.githubusercontent.com/")
+        assert entry.url.endswith(entry.relpath.split("/")[-1])
+        commit = entry.url.split("/")[5]
+        assert len(commit) == 40 and set(commit) <= set("0123456789abcdef")
+        assert entry.sha256 is not None or entry.git_blob_sha1 is not None
+
+
+def test_search_order_env_folder_then_shared_then_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    chapters = tmp_path / "book" / "chapters"
+    chapters.mkdir(parents=True)
+    monkeypatch.chdir(chapters)
+    locations = data.search_locations("x/y.txt")
+    assert locations[0] == tmp_path / "env" / "x" / "y.txt"
+    assert locations[1] == data._REPOSITORY_ROOT.parent / "shared" / "data" / "x" / "y.txt"
+    # walking up from the current directory reaches <book>/shared/data
+    assert tmp_path.resolve() / "book" / "shared" / "data" / "x" / "y.txt" in locations
+    assert locations[-1] == tmp_path / "cache" / "tutorial_lib" / "data" / "x" / "y.txt"
+    assert len(set(locations)) == len(locations)
+
+
+def test_env_folder_wins_over_cache(fake_file, monkeypatch, tmp_path):
+    for folder in (tmp_path / "env", tmp_path / "cache" / "tutorial_lib" / "data"):
+        (folder / "fake").mkdir(parents=True)
+        (folder / "fake" / "file.txt").write_bytes(CONTENT)
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    assert data.find_file("fake/file.txt") == tmp_path / "env" / "fake" / "file.txt"
+
+
+def test_shared_data_is_found_walking_up_from_a_chapter_folder(fake_file, monkeypatch, tmp_path):
+    target = tmp_path / "book" / "shared" / "data" / "fake" / "file.txt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(CONTENT)
+    (tmp_path / "book" / "main" / "chapters").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "book" / "main" / "chapters")
+    assert data.find_file("fake/file.txt", download=False) == target.resolve()
+
+
+def test_unknown_relpath_is_rejected_by_name():
+    with pytest.raises(ValueError, match="relpath must be one of"):
+        data.find_file("wikitext-103/train.txt")
+
+
+# --- checksums ----------------------------------------------------------------------------
+
+def test_corrupted_file_raises_checksum_error_with_both_digests(fake_file, monkeypatch, tmp_path):
+    bad = b"line one\nline 2!!\n"  # same size, different bytes
+    (tmp_path / "env" / "fake").mkdir(parents=True)
+    (tmp_path / "env" / "fake" / "file.txt").write_bytes(bad)
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    with pytest.raises(data.ChecksumError) as error:
+        data.find_file("fake/file.txt")
+    message = str(error.value)
+    assert "fake/file.txt" in message
+    assert fake_file.sha256 in message and hashlib.sha256(bad).hexdigest() in message
+    # verify=False is the explicit way to use it anyway
+    assert data.find_file("fake/file.txt", verify=False).read_bytes() == bad
+
+
+def test_wrong_size_is_caught_before_hashing(fake_file, monkeypatch, tmp_path):
+    (tmp_path / "env" / "fake").mkdir(parents=True)
+    (tmp_path / "env" / "fake" / "file.txt").write_bytes(CONTENT + b"extra")
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(data, "_digests", lambda *a: pytest.fail("hashed a file of wrong size"))
+    with pytest.raises(data.ChecksumError, match="expected 18"):
+        data.find_file("fake/file.txt")
+
+
+def test_verification_is_memoised_until_the_file_changes(fake_file, monkeypatch, tmp_path):
+    path = tmp_path / "env" / "fake" / "file.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(CONTENT)
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    calls = []
+    real_digests = data._digests
+    monkeypatch.setattr(data, "_digests", lambda *a: calls.append(a) or real_digests(*a))
+    data.find_file("fake/file.txt")
+    data.find_file("fake/file.txt")
+    assert len(calls) == 1
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    data.find_file("fake/file.txt")
+    assert len(calls) == 2
+
+
+def test_git_blob_id_verifies_a_file_without_sha256(monkeypatch, tmp_path):
+    # The id `git hash-object` prints for CONTENT, computed independently here.
+    blob_id = hashlib.sha1(b"blob 18\0" + CONTENT).hexdigest()
+    entry = entry_for(CONTENT, size=None, sha256=None, git_blob_sha1=blob_id)
+    path = tmp_path / "file.txt"
+    path.write_bytes(CONTENT)
+    data.verify_file(path, entry)
+    path.write_bytes(CONTENT.upper())
+    with pytest.raises(data.ChecksumError, match=blob_id):
+        data.verify_file(path, entry)
+
+
+def test_shared_wikitext_valid_has_the_manifest_checksum():
+    # Also checks that the registry entry agrees with the file actually shipped.
+    path = shared_or_skip("wikitext-2/valid.txt")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == \
+        data.REGISTRY["wikitext-2/valid.txt"].sha256
+
+
+# --- downloads (faked) --------------------------------------------------------------------
+
+def test_download_writes_verified_file_into_the_cache(fake_file, tmp_path):
+    requested = []
+
+    def fake_downloader(url, destination):
+        requested.append(url)
+        assert destination.parent == tmp_path / "cache" / "tutorial_lib" / "data" / "fake"
+        destination.write_bytes(CONTENT)
+
+    path = data.find_file("fake/file.txt", downloader=fake_downloader)
+    assert requested == [fake_file.url]
+    assert path == tmp_path / "cache" / "tutorial_lib" / "data" / "fake" / "file.txt"
+    assert path.read_bytes() == CONTENT
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.txt"]
+    # found in the cache the second time, no second download
+    assert data.find_file("fake/file.txt", downloader=fake_downloader) == path
+    assert len(requested) == 1
+
+
+def test_corrupted_download_is_deleted_and_reported(fake_file, tmp_path):
+    def corrupting_downloader(url, destination):
+        destination.write_bytes(CONTENT[::-1])
+
+    with pytest.raises(data.ChecksumError) as error:
+        data.find_file("fake/file.txt", downloader=corrupting_downloader)
+    assert fake_file.url in str(error.value) and fake_file.sha256 in str(error.value)
+    folder = tmp_path / "cache" / "tutorial_lib" / "data" / "fake"
+    assert list(folder.iterdir()) == []  # neither the target nor the temporary file
+
+
+def test_offline_error_names_the_file_checksum_places_and_remedies(fake_file, tmp_path):
+    def offline_downloader(url, destination):
+        raise OSError("Temporary failure in name resolution")
+
+    with pytest.raises(data.DataNotFoundError) as error:
+        data.find_file("fake/file.txt", downloader=offline_downloader)
+    message = str(error.value)
+    assert "fake/file.txt" in message and fake_file.sha256 in message
+    for place in data.search_locations("fake/file.txt"):
+        assert str(place) in message
+    assert "name resolution" in message
+    assert "TUTORIAL_LIB_DATA" in message and fake_file.url in message
+    assert not (tmp_path / "cache" / "tutorial_lib" / "data" / "fake" / "file.txt").exists()
+
+
+def test_download_false_never_calls_the_downloader(fake_file):
+    with pytest.raises(data.DataNotFoundError, match="download=False"):
+        data.find_file("fake/file.txt", download=False,
+                       downloader=lambda *a: pytest.fail("downloaded"))
+
+
+def test_download_without_any_checksum_is_refused_unless_verify_false(monkeypatch):
+    entry = entry_for(CONTENT, size=None, sha256=None)
+    monkeypatch.setitem(data.REGISTRY, entry.relpath, entry)
+    writer = lambda url, destination: destination.write_bytes(CONTENT)  # noqa: E731
+    with pytest.raises(data.ChecksumError, match="verify=False"):
+        data.find_file(entry.relpath, downloader=writer)
+    assert data.find_file(entry.relpath, downloader=writer, verify=False).read_bytes() == CONTENT
+
+
+# --- loaders ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loader", [data.load_wikitext2, data.load_sst2, data.load_stsb])
+def test_invalid_split_names_the_parameter_and_choices(loader):
+    with pytest.raises(ValueError, match=r"split must be one of .*'test'.*got 'validation'"):
+        loader("validation")
+
+
+def test_wikitext2_valid_lines_and_headings():
+    shared_or_skip("wikitext-2/valid.txt")
+    lines = data.load_wikitext2("valid")
+    assert lines[0] == "= Homarus gammarus ="
+    assert all(line == line.strip() and line for line in lines)
+    assert len(lines) == 2461
+    without = data.load_wikitext2("valid", drop_headings=True)
+    assert len(without) == 2461 - 620
+    assert not any(line.startswith("= ") and line.endswith(" =") for line in without)
+    assert sum(line.split().count("<unk>") for line in lines) > 1000
+
+
+def test_pretraining_splits_fall_back_to_valid_and_test_offline():
+    shared_or_skip("wikitext-2/test.txt")
+    if any(p.is_file() for p in data.search_locations("wikitext-2/train.txt")):
+        pytest.skip("train.txt is present here")
+    train, evaluation, note = data.wikitext2_pretraining_splits(download=False)
+    assert train == data.load_wikitext2("valid")
+    assert evaluation == data.load_wikitext2("test")
+    assert "not available" in note and "valid.txt" in note and "test.txt" in note
+
+
+def test_pretraining_splits_use_train_when_it_is_available(monkeypatch, tmp_path):
+    shared_or_skip("wikitext-2/valid.txt")
+    train_text = " = Heading = \n \n First paragraph . \n Second <unk> paragraph . \n"
+    train_bytes = train_text.encode()
+    monkeypatch.setitem(data.REGISTRY, "wikitext-2/train.txt",
+                        entry_for(train_bytes, relpath="wikitext-2/train.txt"))
+    (tmp_path / "env" / "wikitext-2").mkdir(parents=True)
+    (tmp_path / "env" / "wikitext-2" / "train.txt").write_bytes(train_bytes)
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    train, evaluation, note = data.wikitext2_pretraining_splits()
+    assert train == ["= Heading =", "First paragraph .", "Second <unk> paragraph ."]
+    assert evaluation == data.load_wikitext2("valid")
+    assert "train.txt" in note and "valid.txt" in note and "not available" not in note
+
+
+def test_sst2_reads_both_column_orders(monkeypatch, tmp_path):
+    rows = [("a fine film .", 1), ("dull", 0)]
+    for name, text in (("label_first", "label\tcontent\n1\ta fine film .\n0\tdull\n"),
+                       ("glue_order", "sentence\tlabel\r\na fine film .\t1\r\ndull\t0\r\n")):
+        content = text.encode()
+        folder = tmp_path / name / "sst-2"
+        folder.mkdir(parents=True)
+        (folder / "dev.tsv").write_bytes(content)
+        monkeypatch.setitem(data.REGISTRY, "sst-2/dev.tsv",
+                            entry_for(content, relpath="sst-2/dev.tsv"))
+        monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / name))
+        assert data.load_sst2("dev") == rows
+
+
+def test_sst2_without_labels_is_a_clear_error(monkeypatch, tmp_path):
+    content = b"index\tsentence\n0\tunlabelled glue test row\n"
+    (tmp_path / "sst-2").mkdir()
+    (tmp_path / "sst-2" / "test.tsv").write_bytes(content)
+    monkeypatch.setitem(data.REGISTRY, "sst-2/test.tsv",
+                        entry_for(content, relpath="sst-2/test.tsv"))
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="'label' column"):
+        data.load_sst2("test")
+
+
+def test_sst2_shared_splits():
+    shared_or_skip("sst-2/dev.tsv")
+    shared_or_skip("sst-2/train.tsv")
+    dev = data.load_sst2("dev")
+    assert len(dev) == 872 and dev[0] == ("one long string of cliches .", 0)
+    assert {label for _, label in dev} == {0, 1}
+    train = data.load_sst2("train")  # header `label<TAB>sentence`, CRLF line ends
+    assert len(train) == 67_349
+    assert train[0] == ("hide new secretions from the parental units", 0)
+    assert not any("\r" in sentence for sentence, _ in train)
+
+
+def test_stsb_reads_the_first_seven_columns():
+    shared_or_skip("sts-b/sts-train.tsv")
+    train = data.load_stsb("train")
+    assert len(train) == 5749
+    assert train[0] == ("A plane is taking off.", "An air plane is taking off.", 5.0)
+    assert all(0.0 <= score <= 5.0 and isinstance(score, float) for _, _, score in train)
+    # no extra field leaked into the second sentence
+    assert not any("\t" in first or "\t" in second for first, second, _ in train)
+
+
+def test_tiny_shakespeare_is_the_whole_text():
+    shared_or_skip("tinyshakespeare/input.txt")
+    text = data.load_tiny_shakespeare()
+    assert len(text) == 1_115_394
+    assert text.startswith("First Citizen:\n")

@@ -1,0 +1,349 @@
+"""Local-first access to the book's data files, checked against known checksums.
+
+Every file the book reads is listed in :data:`REGISTRY` with its size, its sha256 and
+a download URL pinned to a commit of the repository it was copied from, so the bytes
+behind a result never change silently. :func:`find_file` looks for a file, in order,
+
+1. in ``$TUTORIAL_LIB_DATA/<relpath>``;
+2. in ``shared/data/<relpath>`` beside the repository (``<repo>/../shared/data``), then
+   in ``shared/data/<relpath>`` under the current directory and each of its parents
+   (so a notebook run from ``chapters/`` finds the book's shared data);
+3. in the user cache, ``$XDG_CACHE_HOME/tutorial_lib/data`` or ``~/.cache/tutorial_lib/data``;
+
+checks the first copy it finds, and otherwise downloads the file into the cache.
+
+The loaders return plain Python data (lists of strings and tuples); tokenising and
+batching are :mod:`tutorial_lib.tokenization` and :mod:`tutorial_lib.batching`.
+
+WikiText-2's ``train.txt`` has no known sha256 (the offline copy lacks it). Its
+registry entry carries instead the git blob id the file has in ``pytorch/examples``
+(the SHA-1 of ``b"blob <size>\\0" + content``, the id ``git hash-object`` prints);
+a download is checked against that id. An entry with neither digest is refused
+unless the caller passes ``verify=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+class ChecksumError(Exception):
+    """A data file's bytes differ from the registered size or digest."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data file is in none of the searched places and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One registered file: where it lives under a data folder and how to check it."""
+
+    relpath: str
+    url: str
+    size: int | None
+    sha256: str | None
+    git_blob_sha1: str | None = None
+
+
+def _github_raw(repository: str, commit: str, folder: str) -> str:
+    return f"https://raw.githubusercontent.com/{repository}/{commit}/{folder}/"
+
+
+# Commits at which each file has exactly the bytes listed in shared/data/MANIFEST.md
+# (checked by comparing git blob ids), so a download reproduces the offline copy.
+_WIKITEXT = _github_raw("pytorch/examples", "77f55b912142e11fcfdf5b530231fb9c52f181e8",
+                        "word_language_model/data/wikitext-2")
+_SST2 = _github_raw("awake020/pytorch_Bert_sst2", "ce2ab1719d32182e6233b24b2de246bd32814fde",
+                    "SST-2")
+_STSB = _github_raw("korjak/sts-dev", "5c830c7afb02a63218fe0e3ff85474c36d95d674",
+                    "data/STS-B/original")
+_SHAKESPEARE = _github_raw("karpathy/char-rnn", "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e",
+                           "data/tinyshakespeare")
+
+REGISTRY: dict[str, DataFile] = {entry.relpath: entry for entry in (
+    DataFile("wikitext-2/train.txt", _WIKITEXT + "train.txt", None, None,
+             git_blob_sha1="2d84b35af79e411d73ea7cae83c73964c6ac83b4"),
+    DataFile("wikitext-2/valid.txt", _WIKITEXT + "valid.txt", 1_121_681,
+             "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+    DataFile("wikitext-2/test.txt", _WIKITEXT + "test.txt", 1_256_449,
+             "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+    DataFile("sst-2/train.tsv", _SST2 + "train.tsv", 3_806_081,
+             "e981ceb4fe6c9acd1c79851d0d091b9e78103f1f2a399ca83dda27915d41c56c"),
+    DataFile("sst-2/dev.tsv", _SST2 + "dev.tsv", 94_414,
+             "84207e6be5873fb18db798cc6faec86871f5a426554650ff64a1c34e87665f6f"),
+    DataFile("sst-2/test.tsv", _SST2 + "test.tsv", 193_576,
+             "fcd46f967b7b8efd8b5398481dadf873886298d092195167af907fd532e81e1c"),
+    DataFile("sts-b/sts-train.tsv", _STSB + "sts-train.tsv", 901_177,
+             "0f71910b59aa1ad973c5897f0791f3b0965a92b8f82b1a95f3eea9f4162fda82"),
+    DataFile("sts-b/sts-dev.tsv", _STSB + "sts-dev.tsv", 255_680,
+             "5d7e944d8b02734b07bfdb5df67db3420c64bed153fcaa1ba47ad03480cf4234"),
+    DataFile("sts-b/sts-test.tsv", _STSB + "sts-test.tsv", 282_419,
+             "affe45928a66ee5a708531233c95b7dacbbdc57f974f002a3d32ea0180cf816a"),
+    DataFile("tinyshakespeare/input.txt", _SHAKESPEARE + "input.txt", 1_115_394,
+             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+)}
+
+# The directory that contains the tutorial_lib package: the repository in a checkout.
+_REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------
+# Where files are looked for
+# ---------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """The folder downloads go to: ``$XDG_CACHE_HOME/tutorial_lib/data`` or ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tutorial_lib" / "data"
+
+
+def search_locations(relpath: str) -> list[Path]:
+    """Every path :func:`find_file` tries for ``relpath``, in order, without duplicates."""
+    candidates = []
+    if os.environ.get("TUTORIAL_LIB_DATA"):
+        candidates.append(Path(os.environ["TUTORIAL_LIB_DATA"]) / relpath)
+    candidates.append(_REPOSITORY_ROOT.parent / "shared" / "data" / relpath)
+    cwd = Path.cwd().resolve()
+    candidates.extend(folder / "shared" / "data" / relpath for folder in (cwd, *cwd.parents))
+    candidates.append(cache_dir() / relpath)
+    unique = []
+    for path in candidates:
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
+# ---------------------------------------------------------------------------
+# Checking
+# ---------------------------------------------------------------------------
+
+# (resolved path, size, mtime_ns, entry) of files already checked. Rewriting a file
+# changes its mtime (unless a tool deliberately restores it), so an edited or
+# replaced file is hashed again.
+_verified: set[tuple[str, int, int, DataFile]] = set()
+
+
+def _digests(path: Path, size: int) -> tuple[str, str]:
+    """sha256 and git blob SHA-1 of a file, read once in 1 MiB chunks."""
+    sha256 = hashlib.sha256()
+    blob_sha1 = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            sha256.update(chunk)
+            blob_sha1.update(chunk)
+    return sha256.hexdigest(), blob_sha1.hexdigest()
+
+
+def verify_file(path: Path, entry: DataFile) -> None:
+    """Raise :class:`ChecksumError` unless ``path`` has ``entry``'s size and digest."""
+    if entry.sha256 is None and entry.git_blob_sha1 is None:
+        raise ChecksumError(f"{entry.relpath}: no checksum is registered, so {path} cannot "
+                            "be verified; pass verify=False to use it unverified")
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, entry)
+    if key in _verified:
+        return
+    if entry.size is not None and stat.st_size != entry.size:
+        raise ChecksumError(f"{entry.relpath} at {path} has {stat.st_size:,} bytes, "
+                            f"expected {entry.size:,} (sha256 {entry.sha256})")
+    sha256, blob_sha1 = _digests(Path(path), stat.st_size)
+    if entry.sha256 is not None and sha256 != entry.sha256:
+        raise ChecksumError(f"{entry.relpath} at {path} is corrupted or a different version: "
+                            f"expected sha256 {entry.sha256}, got {sha256}")
+    if entry.sha256 is None and blob_sha1 != entry.git_blob_sha1:
+        raise ChecksumError(f"{entry.relpath} at {path} is corrupted or a different version: "
+                            f"expected git blob id {entry.git_blob_sha1}, got {blob_sha1} "
+                            f"(its sha256 is {sha256})")
+    _verified.add(key)
+
+
+# ---------------------------------------------------------------------------
+# Finding and downloading
+# ---------------------------------------------------------------------------
+
+def download_url(url: str, destination: Path, *, timeout: float = 60.0) -> None:
+    """Write the bytes at ``url`` to ``destination`` (plain urllib, no retries)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, \
+            open(destination, "wb") as stream:
+        shutil.copyfileobj(response, stream, 1 << 20)
+
+
+def _registered(relpath: str) -> DataFile:
+    if relpath not in REGISTRY:
+        raise ValueError(f"relpath must be one of the registered files {sorted(REGISTRY)}, "
+                         f"got {relpath!r}")
+    return REGISTRY[relpath]
+
+
+def find_file(relpath: str, *, download: bool = True, verify: bool = True,
+              downloader: Callable[[str, Path], None] | None = None) -> Path:
+    """Path of the registered file ``relpath`` (e.g. ``"wikitext-2/valid.txt"``).
+
+    The first copy found in :func:`search_locations` is checked (size, then digest;
+    repeated calls on an unchanged file are free) and a mismatch raises
+    :class:`ChecksumError` rather than falling through to another copy. With nothing
+    found and ``download=True``, the file is fetched into :func:`cache_dir` by
+    ``downloader(url, temporary_path)`` (default :func:`download_url`), checked, and
+    only then moved into place, so an interrupted or corrupt download never leaves a
+    file behind. Raises :class:`DataNotFoundError` when that is impossible.
+    ``verify=False`` skips every check.
+    """
+    entry = _registered(relpath)
+    locations = search_locations(relpath)
+    for path in locations:
+        if path.is_file():
+            if verify:
+                verify_file(path, entry)
+            return path
+    failure = "download=False was passed"
+    if download:
+        if verify and entry.sha256 is None and entry.git_blob_sha1 is None:
+            raise ChecksumError(f"{relpath}: no checksum is registered, so a download could "
+                                "not be verified; pass verify=False to download it unverified")
+        try:
+            return _download(entry, downloader or download_url, verify)
+        except OSError as error:  # urllib's URLError and socket timeouts are OSErrors
+            failure = f"downloading {entry.url} failed: {error}"
+    searched = "\n".join(f"  {path}" for path in locations)
+    raise DataNotFoundError(
+        f"{relpath} (sha256 {entry.sha256 or 'not registered'}) was not found; searched:\n"
+        f"{searched}\n{failure}.\nTo provide it, set TUTORIAL_LIB_DATA to a folder that "
+        f"contains {relpath}, or save {entry.url} as {cache_dir() / relpath}.")
+
+
+def _download(entry: DataFile, downloader: Callable[[str, Path], None], verify: bool) -> Path:
+    target = cache_dir() / entry.relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary file in the target's own folder makes os.replace an atomic rename:
+    # a concurrent reader sees either no file or the whole, verified file.
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".",
+                                         suffix=".part")
+    os.close(handle)
+    try:
+        downloader(entry.url, Path(temporary))
+        if verify:
+            try:
+                verify_file(Path(temporary), entry)
+            except ChecksumError as error:
+                raise ChecksumError(f"the download from {entry.url} failed its check "
+                                    f"and was deleted: {error}") from None
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return target
+
+
+def _read_text(relpath: str, download: bool) -> str:
+    # newline=None turns the CRLF line ends of SST-2's train.tsv into "\n"; splitting
+    # on "\n" alone (not str.splitlines) keeps rare separators such as U+2028 in text.
+    with open(find_file(relpath, download=download), encoding="utf-8", newline=None) as f:
+        return f.read()
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {allowed}, got {split!r}")
+
+
+# ---------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------
+
+def _is_wikitext_heading(line: str) -> bool:
+    return line.startswith("= ") and line.endswith(" =")
+
+
+def load_wikitext2(split: str, *, drop_headings: bool = False,
+                   download: bool = True) -> list[str]:
+    """Non-empty lines of WikiText-2 (tokenised, ``<unk>`` for rare words), stripped.
+
+    A line is a paragraph or a heading such as ``"= Homarus gammarus ="`` (sections:
+    ``"= = Description = ="``). Headings are kept by default, as in the usual
+    perplexity benchmarks on this text; ``drop_headings=True`` removes them.
+    """
+    _check_split(split, ("train", "valid", "test"))
+    lines = (line.strip() for line in _read_text(f"wikitext-2/{split}.txt", download).split("\n"))
+    return [line for line in lines
+            if line and not (drop_headings and _is_wikitext_heading(line))]
+
+
+def wikitext2_pretraining_splits(*, download: bool = True) -> tuple[list[str], list[str], str]:
+    """``(train_lines, eval_lines, note)`` for language-model pretraining on WikiText-2.
+
+    With ``train.txt`` available (found, or downloaded when ``download=True``) this is
+    train/valid; otherwise the model trains on ``valid.txt`` and is evaluated on
+    ``test.txt``. ``note`` says which, for printing beside any result. A corrupted
+    ``train.txt`` raises :class:`ChecksumError` instead of being silently replaced.
+    """
+    try:
+        find_file("wikitext-2/train.txt", download=download)
+    except DataNotFoundError:
+        train, evaluation = load_wikitext2("valid"), load_wikitext2("test")
+        return train, evaluation, (
+            f"WikiText-2 train.txt is not available: training on valid.txt ({len(train):,} "
+            f"lines) and evaluating on test.txt ({len(evaluation):,} lines)")
+    train, evaluation = load_wikitext2("train"), load_wikitext2("valid")
+    return train, evaluation, (
+        f"WikiText-2: training on train.txt ({len(train):,} lines) and evaluating on "
+        f"valid.txt ({len(evaluation):,} lines)")
+
+
+_SST2_TEXT_COLUMNS = ("sentence", "content", "text")
+
+
+def load_sst2(split: str, *, download: bool = True) -> list[tuple[str, int]]:
+    """``(sentence, label)`` pairs of SST-2, label 0 = negative, 1 = positive.
+
+    The column order is read from the header, so both ``label<TAB>content`` (the
+    offline copy) and GLUE's ``sentence<TAB>label`` work.
+    """
+    _check_split(split, ("train", "dev", "test"))
+    relpath = f"sst-2/{split}.tsv"
+    header, *rows = _read_text(relpath, download).rstrip("\n").split("\n")
+    columns = [name.strip().lower() for name in header.split("\t")]
+    text_columns = [name for name in columns if name in _SST2_TEXT_COLUMNS]
+    if "label" not in columns or len(text_columns) != 1:
+        raise ValueError(f"{relpath}: expected a header with a 'label' column and one of "
+                         f"{_SST2_TEXT_COLUMNS}, got {header!r}")
+    label_at, text_at = columns.index("label"), columns.index(text_columns[0])
+    examples = []
+    for number, row in enumerate(rows, start=2):
+        fields = row.split("\t")
+        if len(fields) != len(columns) or fields[label_at] not in ("0", "1"):
+            raise ValueError(f"{relpath}, line {number}: expected {len(columns)} tab-separated "
+                             f"fields with label 0 or 1, got {row!r}")
+        examples.append((fields[text_at], int(fields[label_at])))
+    return examples
+
+
+def load_stsb(split: str, *, download: bool = True) -> list[tuple[str, str, float]]:
+    """``(sentence1, sentence2, score)`` triples of the STS Benchmark, score in [0, 5].
+
+    Only the first 7 tab-separated columns (genre, file, year, id, score, sentence1,
+    sentence2) are read: some lines carry extra fields after them.
+    """
+    _check_split(split, ("train", "dev", "test"))
+    relpath = f"sts-b/sts-{split}.tsv"
+    examples = []
+    for number, row in enumerate(_read_text(relpath, download).rstrip("\n").split("\n"), 1):
+        fields = row.split("\t")
+        try:
+            examples.append((fields[5], fields[6], float(fields[4])))
+        except (IndexError, ValueError):
+            raise ValueError(f"{relpath}, line {number}: expected at least 7 tab-separated "
+                             f"fields with a numeric score in the 5th, got {row!r}") from None
+    return examples
+
+
+def load_tiny_shakespeare(*, download: bool = True) -> str:
+    """The whole Tiny Shakespeare text (about 1.1 million characters)."""
+    return _read_text("tinyshakespeare/input.txt", download)
