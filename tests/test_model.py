@@ -197,3 +197,21 @@ def test_sinusoidal_and_rotary_models_accept_long_and_fractional_positions():
     assert model(ids).shape == (1, 300, 32)
     positions = torch.linspace(0, 1000, 7)[None]
     assert model(ids[:, :7], position_ids=positions).shape == (1, 7, 32)
+
+
+def test_sparse_prediction_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    dense = MaskedLM(tiny()).eval()
+    sparse = MaskedLM(tiny(), sparse_prediction=True).eval()
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.randint(5, VOCAB, (3, 8))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[2, 5], labels[2, 7] = 11, 12, 13
+    a, b = dense(ids, labels=labels), sparse(ids, labels=labels)
+    assert b.logits.shape == (3, VOCAB)
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    assert torch.allclose(a.logits[labels != -100], b.logits, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.allclose(dense.transform.weight.grad, sparse.transform.weight.grad, atol=1e-6)
+    assert sparse(ids).logits.shape == (3, 8, VOCAB)  # no labels: dense logits
