@@ -1,0 +1,347 @@
+"""Build the instructors' versions of every lab with Otter Assign.
+
+    python scripts/build_exercises.py                 # every labs/*.ipynb
+    python scripts/build_exercises.py labs/03_deberta.ipynb
+
+For each lab ``labs/<stem>.ipynb`` (written in Otter Assign's notebook format,
+see ``book/instructors.md``) this writes
+
+    dist/exercises/<stem>/student/      the notebook handed to students
+    dist/exercises/<stem>/autograder/   the solution notebook and the
+                                        autograder zip for ``otter grade``,
+                                        ``otter run`` or Gradescope
+
+Otter Assign runs every test, public and hidden, against the solutions; a lab
+whose solutions fail a test fails the build. Afterwards this script checks the
+student notebook itself: it must contain no Otter markers, no line of a
+solution, no hidden test and no cell output. The exit status is non-zero if any
+lab fails either step.
+
+Everything runs locally and offline: the tests execute in the current Python
+environment (which must have ``tutorial_lib`` installed, ``pip install -e .``),
+no Docker image is built and nothing is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LABS = REPO_ROOT / "labs"
+OUTPUT = REPO_ROOT / "dist" / "exercises"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+BOUNDARY = re.compile(r"#\s+(begin|end)\s+(question|prompt|solution|tests)\b", re.IGNORECASE)
+CONFIG_CELL = re.compile(r"#\s+assignment\s+config\b", re.IGNORECASE)
+BEGIN_TEST_CONFIG = re.compile(r'\s*"""\s*#\s*begin\s+test\s+config', re.IGNORECASE)
+END_TEST_CONFIG = re.compile(r'\s*"""\s*#\s*end\s+test\s+config', re.IGNORECASE)
+# Any of these in a student notebook means Otter did not process a block. Otter's
+# in-code markers are upper case, so "# solution goes here" in a scaffold is fine.
+MARKERS = re.compile(
+    r"#\s*(BEGIN|END)\s+(SOLUTION|QUESTION|TESTS|PROMPT|TEST CONFIG)\b|# ?SOLUTION\b"
+    r"|#\s*ASSIGNMENT CONFIG\b"
+)
+# A solution line shorter than this (spaces not counted) is too generic to look
+# for on its own, e.g. ``return out``; it still counts as part of its block.
+MIN_CHARS = 16
+
+
+class LabError(Exception):
+    """A lab that cannot be built or whose student version leaks."""
+
+
+@dataclass
+class LabSecrets:
+    """What a lab's student version must not contain, read from the source notebook."""
+
+    config: dict = field(default_factory=dict)
+    solutions: list[list[str]] = field(default_factory=list)  # blocks of normalised lines
+    hidden_tests: list[list[str]] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+
+
+def source_lines(cell) -> list[str]:
+    return cell.source.splitlines()
+
+
+def normalise(lines: list[str]) -> list[str]:
+    """Strip indentation and drop blank and comment-only lines."""
+    kept = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            kept.append(line)
+    return kept
+
+
+def solution_blocks(lines: list[str]) -> list[list[str]]:
+    """The solution parts of one code cell of a solution block.
+
+    Lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` form one block;
+    a line ending in ``# SOLUTION`` is a block of its own (for ``x = value  #
+    SOLUTION`` only ``value`` is secret: the student keeps ``x = ...``). A cell
+    with neither marker is entirely solution: Otter would hand it out unchanged,
+    so every line of it is searched for.
+    """
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    marked = False
+    for line in lines:
+        stripped = line.rstrip()
+        if re.match(r"\s*#\s*BEGIN SOLUTION", stripped):
+            current, marked = [], True
+            continue
+        if stripped.endswith("# END SOLUTION"):
+            if current is not None:
+                blocks.append(current)
+            current = None
+            continue
+        if current is not None:
+            current.append(line)
+            continue
+        match = re.match(r"(.*?)\s*# ?SOLUTION\b", stripped)
+        if match:
+            marked = True
+            code = match.group(1)
+            assignment = re.match(r"\s*[\w.\[\]'\", ]+?\s*=(?!=)\s*(.+)", code)
+            blocks.append([assignment.group(1) if assignment else code])
+    if not marked:
+        blocks.append(list(lines))
+    return [normalise(block) for block in blocks if normalise(block)]
+
+
+def test_body(lines: list[str]) -> tuple[bool, list[str]]:
+    """Whether a test cell is hidden, and its code without the configuration."""
+    hidden = False
+    if lines and BEGIN_TEST_CONFIG.match(lines[0]):
+        ends = [i for i, line in enumerate(lines) if END_TEST_CONFIG.match(line)]
+        if not ends:
+            raise LabError(f"test cell without '\"\"\" # END TEST CONFIG': {lines[0]!r}")
+        end = ends[0]
+        config = yaml.safe_load("\n".join(lines[1:end])) or {}
+        return bool(config.get("hidden", False)), lines[end + 1 :]
+    if lines and lines[0].lstrip().startswith("#"):
+        hidden = bool(re.search(r"\bhidden\b", lines[0], re.IGNORECASE))
+        if hidden:
+            return True, lines[1:]
+    return hidden, lines
+
+
+def read_secrets(notebook) -> LabSecrets:
+    """Walk the Otter blocks of a source lab notebook."""
+    secrets = LabSecrets()
+    stack: list[str] = []
+    for index, cell in enumerate(notebook.cells, start=1):
+        lines = source_lines(cell)
+        if cell.cell_type == "markdown" and "```otter" in cell.source:
+            raise LabError(
+                f"cell {index}: write Otter blocks as raw cells, not ```otter fences "
+                "(the book would render the fence as code)"
+            )
+        if cell.cell_type == "raw" and lines and CONFIG_CELL.match(lines[0]):
+            secrets.config = yaml.safe_load("\n".join(lines[1:])) or {}
+            continue
+        if cell.cell_type == "raw" and lines and BOUNDARY.match(lines[0]):
+            verb, block = BOUNDARY.match(lines[0]).groups()
+            block = block.lower()
+            if verb.lower() == "begin":
+                stack.append(block)
+                if block == "question":
+                    question = yaml.safe_load("\n".join(lines[1:])) or {}
+                    secrets.questions.append(str(question.get("name", f"cell {index}")))
+            elif not stack or stack.pop() != block:
+                raise LabError(f"cell {index}: '# END {block.upper()}' does not close an open block")
+            continue
+        inside = stack[-1] if stack else None
+        if inside == "solution":
+            if cell.cell_type == "code":
+                secrets.solutions += solution_blocks(lines)
+            elif cell.cell_type == "markdown" and "otter_include" not in cell.metadata.get("tags", []):
+                secrets.solutions += [block for block in [normalise(lines)] if block]
+        elif inside == "tests" and cell.cell_type == "code":
+            hidden, body = test_body(lines)
+            if hidden and normalise(body):
+                secrets.hidden_tests.append(normalise(body))
+        elif cell.cell_type == "code" and re.search(r"#\s*(BEGIN )?SOLUTION\b", cell.source):
+            # Solution markers outside a solution block are only stripped when
+            # strip_solutions_from_all_cells is set; look for leaks either way.
+            secrets.solutions += solution_blocks(lines)
+    if stack:
+        raise LabError(f"unclosed Otter block(s): {', '.join(stack)}")
+    if not secrets.config:
+        raise LabError("no '# ASSIGNMENT CONFIG' raw cell")
+    return secrets
+
+
+def doctest_code(text: str) -> list[str]:
+    """The source lines of an OK-format (doctest) test case."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith((">>> ", "... ")):
+            lines.append(line[4:])
+        elif line in (">>>", "..."):
+            lines.append("")
+    return lines
+
+
+def student_texts(student_dir: Path, notebook) -> list[list[str]]:
+    """Every piece of text a student receives, as normalised line lists."""
+    texts = [normalise(source_lines(cell)) for cell in notebook.cells]
+    for test in notebook.metadata.get("otter", {}).get("tests", {}).values():
+        for suite in test.get("suites", []) if isinstance(test, dict) else []:
+            for case in suite.get("cases", []):
+                texts.append(normalise(doctest_code(case.get("code", ""))))
+    for path in sorted(student_dir.rglob("*")):
+        if path.is_file() and path.suffix in {".py", ".txt", ".md", ".yml", ".yaml", ".json"}:
+            text = path.read_text(errors="replace")
+            texts.append(normalise(text.splitlines()))
+            texts.append(normalise(doctest_code(text)))
+    return texts
+
+
+def contains(haystack: list[str], needle: list[str]) -> bool:
+    """Whether ``needle`` occurs as consecutive lines of ``haystack``."""
+    if len(needle) == 1:
+        return any(needle[0] in line for line in haystack)
+    width = len(needle)
+    return any(haystack[i : i + width] == needle for i in range(len(haystack) - width + 1))
+
+
+def distinctive(line: str) -> bool:
+    return len(re.sub(r"\s", "", line)) >= MIN_CHARS
+
+
+def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
+    """Problems with the student version of ``lab``; empty when it is clean."""
+    problems = []
+    student_nb_path = out / "student" / lab.name
+    if not student_nb_path.is_file():
+        return [f"no student notebook at {student_nb_path}"]
+    if not list((out / "autograder").glob(f"{lab.stem}-autograder_*.zip")):
+        problems.append("no autograder zip was written")
+    student = nbformat.read(student_nb_path, as_version=4)
+
+    for index, cell in enumerate(student.cells, start=1):
+        marker = MARKERS.search(cell.source)
+        if marker:
+            problems.append(f"student cell {index} still has the marker {marker.group(0)!r}")
+        if cell.cell_type == "code" and cell.get("outputs"):
+            problems.append(f"student cell {index} has outputs (they can give answers away)")
+
+    texts = student_texts(out / "student", student)
+    every_line = [line for text in texts for line in text]
+    leaked = []
+    for block in secrets.solutions:
+        # A whole block, even one made of short lines, or any distinctive line of
+        # it (also inside a longer line, e.g. a hint in a Markdown cell).
+        if len(block) > 1 and any(contains(text, block) for text in texts):
+            leaked.append(block[0])
+        leaked += [line for line in block if distinctive(line) and any(line in other for other in every_line)]
+    for line in dict.fromkeys(leaked):
+        problems.append(f"solution code reached the student version: {line!r}")
+    for block in secrets.hidden_tests:
+        if any(contains(text, block) for text in texts):
+            problems.append(f"hidden test reached the student version: {block[0]!r}")
+    metadata = json.dumps(student.metadata.get("otter", {}))
+    if '"hidden": true' in metadata:
+        problems.append("the student notebook's metadata lists a hidden test case")
+    return problems
+
+
+def assign(lab: Path, out: Path, env: dict[str, str]) -> None:
+    """Run ``otter assign`` (which also runs all tests against the solutions)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "otter", "assign", "--no-pdfs", str(lab), str(out)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        log = (result.stdout + result.stderr).strip()
+        # Otter ends with a traceback whose last exception holds the test report.
+        report = log[log.rfind("\nRuntimeError:") + 1 :] if "\nRuntimeError:" in log else log
+        raise LabError(f"otter assign failed (exit {result.returncode}):\n{report}")
+
+
+def build(lab: Path, env: dict[str, str]) -> list[str]:
+    notebook = nbformat.read(lab, as_version=4)
+    secrets = read_secrets(notebook)
+    if secrets.config.get("run_tests") is False:
+        raise LabError("ASSIGNMENT CONFIG sets run_tests: false; the solutions must be tested")
+    if secrets.config.get("generate") is False:
+        raise LabError("ASSIGNMENT CONFIG sets generate: false; the autograder zip is needed")
+    if not secrets.questions:
+        raise LabError("no '# BEGIN QUESTION' block: a lab needs autograded exercises")
+    out = OUTPUT / lab.stem
+    try:
+        assign(lab, out, env)
+        problems = check_student(lab, secrets, out)
+    except LabError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if problems:
+        # Never leave a leaking student version where it could be handed out.
+        shutil.rmtree(out, ignore_errors=True)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("labs", nargs="*", type=Path, help="lab notebooks (default: labs/*.ipynb)")
+    args = parser.parse_args(argv)
+
+    labs = [path.resolve() for path in args.labs]
+    if not labs:
+        labs = sorted(LABS.glob("*.ipynb"))
+        if not labs:
+            print("no labs in labs/: nothing to build")
+            return 0
+        # A full build leaves nothing behind from labs that no longer exist.
+        shutil.rmtree(OUTPUT, ignore_errors=True)
+
+    env = dict(os.environ)
+    # Otter runs each lab in a temporary folder, so relative data paths do not
+    # reach the shared data; point the library's loaders at it explicitly.
+    if "TUTORIAL_LIB_DATA" not in env and SHARED_DATA.is_dir():
+        env["TUTORIAL_LIB_DATA"] = str(SHARED_DATA)
+
+    failed = []
+    for lab in labs:
+        shown = lab.relative_to(REPO_ROOT) if lab.is_relative_to(REPO_ROOT) else lab
+        print(f"{shown} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        try:
+            if not lab.is_file():
+                raise LabError("no such notebook")
+            problems = build(lab, env)
+        except LabError as error:
+            problems = [str(error)]
+        seconds = time.perf_counter() - start
+        if problems:
+            failed.append(shown)
+            print(f"FAILED ({seconds:.1f} s)")
+            for problem in problems:
+                print("  " + problem.replace("\n", "\n  "))
+        else:
+            print(f"ok ({seconds:.1f} s) -> {(OUTPUT / lab.stem).relative_to(REPO_ROOT)}")
+
+    if failed:
+        print(f"{len(failed)} of {len(labs)} lab(s) failed: " + ", ".join(map(str, failed)), file=sys.stderr)
+        return 1
+    print(f"{len(labs)} lab(s) built in {OUTPUT.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
