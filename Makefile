@@ -1,0 +1,67 @@
+# The two commands of the README:
+#   make book   set everything up and build the book into _build/html
+#   make test   set everything up and run every test
+# Everything is installed into .venv from constraints.txt (the tested versions).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MATHJAX_DIR := .cache/mathjax/node_modules/mathjax
+JB_FLAGS := -W -n --keep-going
+
+.PHONY: book test setup unit notebooks-check build-check browser exercises notebooks bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+book: setup
+	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	@echo "Open _build/html/index.html in a browser."
+
+# Every test: unit tests, notebooks (nbval), the book build, the browser check of
+# the built site, and the instructors' exercise build.
+test: setup
+	$(MAKE) unit
+	$(MAKE) notebooks-check
+	$(MAKE) build-check
+	$(MAKE) browser
+	$(MAKE) exercises
+	@echo "All tests passed."
+
+unit: setup
+	$(BIN)/python -m pytest tests --ignore=tests/site -q
+
+notebooks-check: setup
+	$(BIN)/python -m pytest --nbval chapters labs --nbval-sanitize-with tests/nbval_sanitize.cfg -q
+
+build-check: setup
+	rm -rf _build
+	$(BIN)/jupyter-book build . $(JB_FLAGS)
+
+browser: setup $(MATHJAX_DIR)
+	@test -x /usr/bin/chromium || (echo "Installing Chromium (needs root)"; \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	MATHJAX_DIR=$(MATHJAX_DIR) $(BIN)/python -m pytest tests/site -q
+
+$(MATHJAX_DIR):
+	npm install --silent --no-audit --no-fund --prefix .cache/mathjax mathjax@3
+
+exercises: setup
+	$(BIN)/python scripts/build_exercises.py
+
+# Re-execute every notebook in place (after changing the library or a notebook).
+notebooks: setup
+	$(BIN)/python scripts/execute_notebooks.py
+
+bench: setup
+	$(BIN)/python benchmarks/bench_encoder.py
+
+clean:
+	rm -rf _build dist .cache
