@@ -215,3 +215,15 @@ def test_sparse_prediction_gives_the_same_loss_and_gradients():
     b.loss.backward()
     assert torch.allclose(dense.transform.weight.grad, sparse.transform.weight.grad, atol=1e-6)
     assert sparse(ids).logits.shape == (3, 8, VOCAB)  # no labels: dense logits
+
+
+def test_encoder_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break (e.g. a host read of a tensor value)."""
+    torch.manual_seed(0)
+    model = MaskedLM(tiny()).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    ids = torch.randint(5, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids, mask).logits, model(ids, mask).logits, atol=1e-6)

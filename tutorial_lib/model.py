@@ -171,7 +171,8 @@ class Encoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]  # (1, seq)
         key_padding = None if attention_mask is None else attention_mask.bool()
-        if key_padding is not None and bool(key_padding.all()):
+        if key_padding is not None and not torch.compiler.is_compiling() \
+                and bool(key_padding.all()):
             key_padding = None  # nothing to mask: keep the fused kernel's fastest path
         ctx = AttentionContext(query_positions=position_ids, key_positions=position_ids,
                                key_padding_mask=key_padding, causal=self.config.causal)
@@ -189,7 +190,13 @@ class Encoder(nn.Module):
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids,
                       inputs_embeds):
+        """Validate shapes and (outside ``torch.compile``) values; return batch, seq, device.
+
+        Value checks read tensors back to the host; under ``torch.compile`` that would
+        break the graph, so a compiled model checks shapes only.
+        """
         config = self.config
+        check_values = not torch.compiler.is_compiling()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -198,7 +205,7 @@ class Encoder(nn.Module):
                                  f"{_describe(input_ids)}")
             if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
                 raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-            if input_ids.numel() and (int(input_ids.min()) < 0
+            if check_values and input_ids.numel() and (int(input_ids.min()) < 0
                                       or int(input_ids.max()) >= config.vocab_size):
                 raise ValueError(
                     f"input_ids must lie in [0, vocab_size={config.vocab_size}), found values "
@@ -218,13 +225,14 @@ class Encoder(nn.Module):
             if tensor is not None and tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} must have the shape of input_ids {shape}, "
                                  f"got {tuple(tensor.shape)}")
-        if attention_mask is not None and attention_mask.numel() and \
+        if check_values and attention_mask is not None and attention_mask.numel() and \
                 not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 (padding) and 1 (token)")
         if token_type_ids is not None:
             if config.type_vocab_size == 0:
                 raise ValueError("token_type_ids given but the config has type_vocab_size=0")
-            if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size:
+            if check_values and (int(token_type_ids.min()) < 0
+                                 or int(token_type_ids.max()) >= config.type_vocab_size):
                 raise ValueError(f"token_type_ids must lie in [0, type_vocab_size="
                                  f"{config.type_vocab_size})")
         if position_ids is not None:
@@ -232,7 +240,7 @@ class Encoder(nn.Module):
                     or position_ids.shape[0] not in (1, shape[0]):
                 raise ValueError(f"position_ids must have shape (batch or 1, seq={shape[1]}), "
                                  f"got {tuple(position_ids.shape)}")
-        if config.position_embedding == "learned":
+        if config.position_embedding == "learned" and (check_values or position_ids is None):
             longest = shape[1] if position_ids is None else int(position_ids.max()) + 1
             if longest > config.max_position_embeddings:
                 raise ValueError(
