@@ -19,45 +19,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from standins import StandInMLM, make_examples, mlm_collate
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, GLOBAL_BATCH, STEPS = 30, 8, 6
-
-
-class StandInMLM(nn.Module):
-    """No dropout: ranks draw different dropout masks by design, which would hide the check."""
-
-    def __init__(self, hidden: int = 12):
-        super().__init__()
-        self.config = {"vocab_size": VOCAB, "hidden_size": hidden}
-        self.embed = nn.Embedding(VOCAB, hidden)
-        self.mix = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, VOCAB)
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        h = self.embed(input_ids)  # (batch, seq, hidden)
-        weights = attention_mask[..., None].float()
-        context = (h * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
-        logits = self.out(self.norm(h + torch.tanh(self.mix(context))))
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
-
-
-def collate(examples, generator=None):
-    length = max(len(e) for e in examples)
-    ids = torch.zeros(len(examples), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, example in enumerate(examples):
-        ids[row, :len(example)], mask[row, :len(example)] = torch.tensor(example), 1
-    chosen = (torch.rand(ids.shape, generator=generator) < 0.3) & (mask == 1)
-    return {"input_ids": torch.where(chosen, torch.ones_like(ids), ids), "attention_mask": mask,
-            "labels": torch.where(chosen, ids, torch.full_like(ids, -100))}
 
 
 def worker(out_dir: str, result_path: str, accumulation_steps: int) -> None:
@@ -68,13 +36,13 @@ def worker(out_dir: str, result_path: str, accumulation_steps: int) -> None:
     context = distributed.init_distributed("cpu")
     try:
         torch.manual_seed(0)  # every rank builds the same model; DDP would broadcast rank 0's anyway
-        generator = torch.Generator().manual_seed(1)
-        examples = [torch.randint(2, VOCAB, (int(n),), generator=generator).tolist()
-                    for n in torch.randint(3, 12, (40,), generator=generator)]
-        loader = BatchLoader(examples, GLOBAL_BATCH, collate, seed=5, rank=context.rank,
+        examples = make_examples(40, seed=1, vocab=VOCAB, lengths=(3, 12))
+        loader = BatchLoader(examples, GLOBAL_BATCH, mlm_collate, seed=5, rank=context.rank,
                              world_size=context.world_size, accumulation_steps=accumulation_steps)
-        result = train(StandInMLM(), loader, steps=STEPS, lr=1e-2, warmup_steps=2, log_every=2,
-                       save_every=3, progress=False, device="cpu", out_dir=out_dir)
+        # No dropout: ranks draw different dropout masks by design, which would hide the check.
+        result = train(StandInMLM(vocab=VOCAB, dropout=0.0), loader, steps=STEPS, lr=1e-2,
+                       warmup_steps=2, log_every=2, save_every=3, progress=False, device="cpu",
+                       out_dir=out_dir)
         Path(result_path).write_text(json.dumps({"rank": context.rank, "world_size": context.world_size,
                                                  "history": result.history}))
     finally:

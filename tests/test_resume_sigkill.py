@@ -14,45 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from standins import StandInMLM, make_examples, mlm_collate
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 40, 10
 VOCAB = 50
-
-
-class StandInMLM(nn.Module):
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        self.config = {"vocab_size": VOCAB, "hidden_size": hidden}
-        self.embed = nn.Embedding(VOCAB, hidden)
-        self.mix = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(0.2)
-        self.out = nn.Linear(hidden, VOCAB)
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        h = self.embed(input_ids)  # (batch, seq, hidden)
-        weights = attention_mask[..., None].float()
-        context = (h * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
-        logits = self.out(self.dropout(h + torch.tanh(self.mix(context))))
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
-
-
-def collate(examples, generator=None):
-    length = max(len(e) for e in examples)
-    ids = torch.zeros(len(examples), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, example in enumerate(examples):
-        ids[row, :len(example)], mask[row, :len(example)] = torch.tensor(example), 1
-    chosen = (torch.rand(ids.shape, generator=generator) < 0.25) & (mask == 1)
-    return {"input_ids": torch.where(chosen, torch.ones_like(ids), ids), "attention_mask": mask,
-            "labels": torch.where(chosen, ids, torch.full_like(ids, -100))}
 
 
 def worker(out_dir: str, resume: bool) -> None:
@@ -60,19 +30,17 @@ def worker(out_dir: str, resume: bool) -> None:
 
     torch.set_num_threads(1)  # the same float reduction order in every process
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    examples = [torch.randint(2, VOCAB, (int(n),), generator=generator).tolist()
-                for n in torch.randint(4, 16, (48,), generator=generator)]
-    loader = BatchLoader(examples, 8, collate, seed=3, accumulation_steps=2)
+    examples = make_examples(48, seed=1, vocab=VOCAB, lengths=(4, 16))
+    loader = BatchLoader(examples, 8, mlm_collate, seed=3, accumulation_steps=2)
 
     def slow_loss_step(model, batch):
         # Widens the window between checkpoints so the test can kill mid-run; no effect on values.
         time.sleep(0.01)
         return default_loss_step(model, batch)
 
-    train(StandInMLM(), loader, steps=STEPS, save_every=SAVE_EVERY, lr=5e-3, warmup_steps=5,
-          log_every=5, progress=False, device="cpu", out_dir=out_dir, resume=resume,
-          loss_step=slow_loss_step)
+    train(StandInMLM(vocab=VOCAB, dropout=0.2), loader, steps=STEPS, save_every=SAVE_EVERY,
+          lr=5e-3, warmup_steps=5, log_every=5, progress=False, device="cpu", out_dir=out_dir,
+          resume=resume, loss_step=slow_loss_step)
 
 
 def launch(out_dir: Path, *extra: str) -> subprocess.Popen:
