@@ -77,8 +77,11 @@ class BaselineRecipe:
 
 
 RECIPES = {
+    # lr 3e-4: at 1e-3 this post-LN model collapses within 200 updates (the hidden states
+    # of all tokens of a sentence end up with cosine ~0.99) and no longer fine-tunes;
+    # at 3e-4 it reaches the same MLM loss with distinct token states.
     "cpu": BaselineRecipe(name="cpu", preset="cpu-notebook", vocab_size=8000, max_length=64,
-                          batch_size=32, steps=200, lr=1e-3, warmup_steps=20,
+                          batch_size=32, steps=200, lr=3e-4, warmup_steps=40,
                           train_split="valid", eval_split="test"),
     "gpu": BaselineRecipe(name="gpu", preset="bert-base", vocab_size=30522, max_length=128,
                           batch_size=256, steps=20_000, lr=5e-4, warmup_steps=1000,
