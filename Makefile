@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MATHJAX_DIR := .cache/mathjax/node_modules/mathjax
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: book test setup unit notebooks-check build-check browser exercises notebooks bench clean
+.PHONY: book test setup unit baseline notebooks-check build-check browser exercises notebooks bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,7 @@ book: setup
 # the built site, and the instructors' exercise build.
 test: setup
 	$(MAKE) unit
+	$(MAKE) baseline
 	$(MAKE) notebooks-check
 	$(MAKE) build-check
 	$(MAKE) browser
@@ -37,6 +38,11 @@ test: setup
 
 unit: setup
 	$(BIN)/python -m pytest tests --ignore=tests/site -q
+
+# The small pre-trained model the chapters start from: trained once (a few minutes on
+# a CPU) and cached in ~/.cache/tutorial_lib (or $$TUTORIAL_LIB_CACHE); never committed.
+baseline: setup
+	$(BIN)/python -m tutorial_lib.pretrained cpu
 
 notebooks-check: setup
 	@if ls chapters/*.ipynb labs/*.ipynb >/dev/null 2>&1; then \
@@ -59,7 +65,7 @@ exercises: setup
 	$(BIN)/python scripts/build_exercises.py
 
 # Re-execute every notebook in place (after changing the library or a notebook).
-notebooks: setup
+notebooks: setup baseline
 	$(BIN)/python scripts/execute_notebooks.py
 
 bench: setup

@@ -50,3 +50,15 @@ def test_recipe_key_changes_with_the_recipe_and_bad_names_are_refused():
     assert SMALL.key() != dataclasses.replace(SMALL, steps=4).key()
     with pytest.raises(ValueError, match="recipe must be one of"):
         pretrained.baseline_mlm("tpu")
+
+
+def test_command_line_builds_then_finds_the_entry(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(pretrained.RECIPES, "cpu", SMALL)
+    assert pretrained.main(["cpu", "--cache-dir", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert "trained now" in first and "accuracy" in first
+    assert pretrained.main(["--cache-dir", str(tmp_path)]) == 0
+    assert "found in the cache" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("baseline-mlm-*"))) == 1
+    with pytest.raises(SystemExit):
+        pretrained.main(["tpu"])
