@@ -70,6 +70,10 @@ class LabSecrets:
     solutions: list[list[str]] = field(default_factory=list)  # blocks of normalised lines
     hidden_tests: list[list[str]] = field(default_factory=list)
     questions: list[str] = field(default_factory=list)
+    # Lines the source hands to students anyway (outside solutions and hidden
+    # tests), e.g. ``seed_everything(SEED)`` in the set-up cell and in a solution:
+    # finding one of them in the student version is not a leak.
+    public: list[str] = field(default_factory=list)
 
 
 def source_lines(cell) -> list[str]:
@@ -178,6 +182,8 @@ def read_secrets(notebook) -> LabSecrets:
             # Solution markers outside a solution block are only stripped when
             # strip_solutions_from_all_cells is set; look for leaks either way.
             secrets.solutions += solution_blocks(lines)
+        elif inside != "tests":
+            secrets.public += normalise(lines)
     if stack:
         raise LabError(f"unclosed Otter block(s): {', '.join(stack)}")
     if not secrets.config:
@@ -248,7 +254,9 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
         # it (also inside a longer line, e.g. a hint in a Markdown cell).
         if len(block) > 1 and any(contains(text, block) for text in texts):
             leaked.append(block[0])
-        leaked += [line for line in block if distinctive(line) and any(line in other for other in every_line)]
+        leaked += [line for line in block if distinctive(line)
+                   and not any(line in given for given in secrets.public)
+                   and any(line in other for other in every_line)]
     for line in dict.fromkeys(leaked):
         problems.append(f"solution code reached the student version: {line!r}")
     for block in secrets.hidden_tests:
