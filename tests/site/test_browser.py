@@ -297,13 +297,16 @@ def check_solutions(page) -> list[str]:
         if shown:
             problems.append(f"solution visible before it was clicked: {name!r}")
             continue
-        title.click()
+        # Click the toggle (the chevron at the right of the title). The title's centre
+        # may be the link back to the exercise, which navigates instead of unfolding.
+        toggle = title.locator("button.toggle-button")
+        (toggle if toggle.count() else title).click()
         try:
             for j in range(body.count()):
                 if body.nth(j).evaluate("node => node.textContent.trim().length > 0"):
                     expect(body.nth(j)).to_be_visible(timeout=5_000)
         except AssertionError:
-            problems.append(f"solution still hidden after a click on its title: {name!r}")
+            problems.append(f"solution still hidden after a click on its toggle: {name!r}")
     return problems
 
 
