@@ -20,3 +20,14 @@ def test_encoder_benchmark_prints_ratios_as_last_line():
     for seq in ("seq16", "seq32"):
         assert report[seq]["time_ratio"] > 0
         assert report[seq]["peak_memory_ratio"] > 0
+
+
+def test_adversarial_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_adversarial.py", "--preset", "tiny", "--vocab", "100",
+         "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])["step_time_ratio_vs_plain"]
+    assert set(report) == {"fgm", "pgd3", "freelb3", "vat", "alum"}
+    assert all(ratio > 0 for ratio in report.values())

@@ -10,7 +10,10 @@ Modules, each readable on its own:
 * :mod:`tutorial_lib.data`, :mod:`tutorial_lib.tokenization`, :mod:`tutorial_lib.batching`:
   datasets, tokenizers, collators;
 * :mod:`tutorial_lib.training`, :mod:`tutorial_lib.checkpoint`,
-  :mod:`tutorial_lib.distributed`: the training loop (CLI: ``python -m tutorial_lib.train``).
+  :mod:`tutorial_lib.distributed`: the training loop (CLI: ``python -m tutorial_lib.train``);
+* :mod:`tutorial_lib.pretrained`: the book's cached baseline (``python -m tutorial_lib.pretrained``);
+* :mod:`tutorial_lib.adversarial`: embedding-space adversarial training (FGM, PGD, FreeLB,
+  VAT, ALUM/SMART) as loss steps for the training loop, and a PGD attack for evaluation.
 """
 
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask

@@ -1,0 +1,449 @@
+"""Adversarial training in embedding space: FGM, PGD, FreeLB, VAT and ALUM/SMART.
+
+Every method perturbs the output of one embedding module by a tensor ``δ`` of shape
+``(batch, seq, hidden)`` through a forward hook, so it works with any model of the
+library (and any model converted from Hugging Face) without editing it:
+
+* ``where="word_embeddings"``: ``δ`` is added to the token embeddings, before the
+  positions, token types and LayerNorm (FGM, PGD and FreeLB as their papers do it);
+* ``where="embedding_output"``: ``δ`` is added to what the embedding layer hands to
+  the first block, after LayerNorm and dropout (ALUM and SMART).
+
+Each method is a *loss step* for :func:`tutorial_lib.training.train`: called as
+``method(model, batch)``, it returns ``(loss, logs)``, and one ``loss.backward()``
+gives the method's parameter gradient. ``δ`` is always zero at padding positions.
+
+Norms (``norm``): ``"l2"`` is the Frobenius norm of one example's ``δ`` over its real
+tokens; ``"linf"`` is the per-token L∞ norm, whose ball is a box ``|δ| ≤ ε``.
+ALUM's ``projection`` chooses between the paper (project ``δ`` back into the ε-ball)
+and the authors' code (normalise ``δ ← δ / (‖δ‖∞ + γ)`` per token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .training import model_inputs
+
+SITES = ("word_embeddings", "embedding_output")
+NORMS = ("l2", "linf")
+PROJECTIONS = ("paper", "code")
+
+
+# -- where the perturbation goes -------------------------------------------------------
+
+def perturbation_site(model: nn.Module, where: str) -> nn.Module:
+    """The module whose output ``δ`` is added to."""
+    if where not in SITES:
+        raise ValueError(f"where must be one of {SITES}, got {where!r}")
+    encoder = getattr(model, "encoder", model)
+    embeddings = getattr(encoder, "embeddings", None)
+    if embeddings is None or not hasattr(embeddings, "word_embeddings"):
+        raise TypeError(f"model must be a tutorial_lib model with encoder.embeddings, "
+                        f"got {type(model).__name__}")
+    return embeddings.word_embeddings if where == "word_embeddings" else embeddings
+
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, delta: torch.Tensor, where: str):
+    """Inside the block, the site's output is ``output + δ``."""
+    def add_delta(module, inputs, output):
+        if output.shape != delta.shape:
+            raise ValueError(f"delta has shape {tuple(delta.shape)}, the {where} output "
+                             f"{tuple(output.shape)}")
+        return output + delta.to(output.dtype)
+
+    handle = perturbation_site(model, where).register_forward_hook(add_delta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_with(model: nn.Module, batch: dict[str, Any], delta: torch.Tensor | None,
+                 where: str):
+    """The model's output on ``batch`` with ``δ`` added at ``where`` (None: clean)."""
+    if delta is None:
+        return model(**model_inputs(batch))
+    with perturbed(model, delta, where):
+        return model(**model_inputs(batch))
+
+
+def zero_delta(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """A zero ``δ`` of the embedding output's shape, (batch, seq, hidden)."""
+    ids = batch["input_ids"]
+    table = perturbation_site(model, "word_embeddings")  # (vocab, hidden); checks the model
+    return torch.zeros(*ids.shape, table.embedding_dim, device=ids.device, dtype=table.weight.dtype)
+
+
+def token_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """(batch, seq, 1): 1 at real tokens, 0 at padding."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"])
+    return mask[..., None].float()
+
+
+# -- norms, steps and projections ----------------------------------------------------------
+
+def delta_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per example (``l2``: shape (batch, 1, 1)) or per token (``linf``: (batch, seq, 1))."""
+    if norm == "l2":
+        return delta.flatten(1).norm(dim=1)[:, None, None]
+    if norm == "linf":
+        return delta.abs().amax(dim=-1, keepdim=True)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def ascent_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of unit ``norm``: ``g/‖g‖₂`` or ``sign(g)``.
+
+    For L2 this is the gradient scaled to unit Frobenius norm per example; for the
+    per-token L∞ ball the linearised maximum sits at a corner of the box, ``sign(g)``.
+    """
+    if norm == "l2":
+        return gradient / delta_norm(gradient, "l2").clamp_min(1e-12)
+    if norm == "linf":
+        return gradient.sign()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+    """The closest point of the ε-ball: rescale (L2) or clip every coordinate (L∞)."""
+    if norm == "l2":
+        scale = (epsilon / delta_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+        return delta * scale
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def code_normalise(delta: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The authors' ALUM/SMART "projection": ``δ / (‖δ‖∞ + γ)`` per token (not into ε)."""
+    return delta / (delta_norm(delta, "linf") + gamma)
+
+
+# -- divergences ---------------------------------------------------------------------------
+
+def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) ‖ softmax(logits)), summed over classes, mean over rows."""
+    target_log_p = target_logits.float().log_softmax(-1)
+    log_p = logits.float().log_softmax(-1)
+    rows = target_log_p.reshape(-1, target_log_p.shape[-1]).shape[0]
+    return (target_log_p.exp() * (target_log_p - log_p)).sum() / rows
+
+
+def symmetric_kl(adversarial_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """ALUM's ``ℓ_sKL``: KL(clean ‖ adv) + KL(adv ‖ clean), each target detached.
+
+    The gradient of the first term flows through the adversarial logits, that of the
+    second through the clean ones (as in the authors' code and ``smart-pytorch``).
+    """
+    return (kl_divergence(clean_logits.detach(), adversarial_logits)
+            + kl_divergence(adversarial_logits.detach(), clean_logits))
+
+
+def _logits(output) -> torch.Tensor:
+    logits = output["logits"] if isinstance(output, dict) else output.logits
+    if logits is None:
+        raise ValueError("the model returned no logits; adversarial losses need them")
+    return logits
+
+
+def _loss(output) -> torch.Tensor:
+    loss = output["loss"] if isinstance(output, dict) else output.loss
+    if loss is None:
+        raise ValueError("the batch has no labels, so the model returned no loss")
+    return loss
+
+
+def _check(name: str, value: float, *, positive: bool = False) -> None:
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (positive and value == 0):
+        expected = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a number {expected}, got {value!r}")
+
+
+def _check_weight(value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"adv_weight must be a number in [0, 1], got {value!r}")
+
+
+def _check_common(where: str, norm: str | None = None) -> None:
+    if where not in SITES:
+        raise ValueError(f"where must be one of {SITES}, got {where!r}")
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+# -- the methods ---------------------------------------------------------------------------
+
+@dataclass
+class FGM:
+    """Fast gradient method (Miyato et al., 2017): one linearised worst case.
+
+    ``δ = ε · g/‖g‖₂`` (or ``ε · sign(g)`` for L∞, FGSM) with ``g = ∇_δ L`` at ``δ = 0``;
+    the loss is ``(1 − a)·L(x) + a·L(x + δ)`` with ``δ`` a constant and ``a =
+    adv_weight`` (½ in Goodfellow et al., 2015), so ``ε = 0`` is plain training.
+    """
+
+    epsilon: float = 1.0
+    norm: str = "l2"
+    where: str = "word_embeddings"
+    adv_weight: float = 0.5
+
+    def __post_init__(self):
+        _check("epsilon", self.epsilon)
+        _check_weight(self.adv_weight)
+        _check_common(self.where, self.norm)
+
+    def __call__(self, model, batch):
+        delta = zero_delta(model, batch).requires_grad_()
+        clean = _loss(forward_with(model, batch, delta, self.where))
+        (gradient,) = torch.autograd.grad(clean, delta, retain_graph=True)
+        delta = (self.epsilon * ascent_direction(gradient, self.norm) * token_mask(batch)).detach()
+        adversarial = _loss(forward_with(model, batch, delta, self.where))
+        loss = (1 - self.adv_weight) * clean + self.adv_weight * adversarial
+        return loss, {"clean_loss": clean.detach(), "adv_loss": adversarial.detach()}
+
+
+@dataclass
+class PGD:
+    """Projected gradient ascent, K steps (Madry et al., 2018), on the task loss.
+
+    ``δ ← Π_ε(δ + η · direction(∇_δ L))``; the loss is ``(1 − a)·L(x) + a·L(x + δ_K)``
+    with ``a = adv_weight``: ½ mixes clean and adversarial examples as FGM does, 1 is
+    Madry's adversarial-only objective.
+    """
+
+    epsilon: float = 1.0
+    step_size: float = 0.3
+    steps: int = 3
+    norm: str = "l2"
+    where: str = "word_embeddings"
+    random_start: bool = False
+    adv_weight: float = 0.5
+
+    def __post_init__(self):
+        _check("epsilon", self.epsilon)
+        _check("step_size", self.step_size)
+        _check_weight(self.adv_weight)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        _check_common(self.where, self.norm)
+
+    def attack(self, model, batch, loss_fn: Callable | None = None) -> torch.Tensor:
+        """The final ``δ`` (detached). ``loss_fn(output)`` defaults to the model's loss."""
+        loss_fn = loss_fn or _loss
+        mask = token_mask(batch)
+        delta = zero_delta(model, batch)
+        if self.random_start:
+            delta = project(torch.empty_like(delta).uniform_(-1, 1) * self.epsilon * mask,
+                            self.epsilon, self.norm)
+        for _ in range(self.steps):
+            delta.requires_grad_()
+            loss = loss_fn(forward_with(model, batch, delta, self.where))
+            (gradient,) = torch.autograd.grad(loss, delta)
+            step = delta + self.step_size * ascent_direction(gradient, self.norm)
+            delta = (project(step, self.epsilon, self.norm) * mask).detach()
+        return delta
+
+    def __call__(self, model, batch):
+        delta = self.attack(model, batch)
+        adversarial = _loss(forward_with(model, batch, delta, self.where))
+        logs = {"adv_loss": adversarial.detach()}
+        if self.adv_weight == 1:
+            return adversarial, logs
+        clean = _loss(forward_with(model, batch, None, self.where))
+        logs["clean_loss"] = clean.detach()
+        return (1 - self.adv_weight) * clean + self.adv_weight * adversarial, logs
+
+
+@dataclass
+class FreeLB:
+    """FreeLB (Zhu et al., 2020): K ascent steps whose parameter gradients are averaged.
+
+    ``δ₀`` is uniform noise of L2 norm ``init_magnitude`` per example (scaled as in the
+    authors' code by ``1/√(tokens · hidden)``); step t uses ``L(x + δ_{t−1}) / K`` and
+    moves ``δ ← Π_ε(δ + η · g/‖g‖₂)``. ``epsilon=None`` leaves δ unbounded (the code's
+    ``adv_max_norm=0``). The returned loss is the mean of the K losses, so its gradient
+    is the mean of the K per-step parameter gradients.
+    """
+
+    steps: int = 3
+    step_size: float = 0.1
+    epsilon: float | None = 1.0
+    init_magnitude: float = 0.0
+    where: str = "word_embeddings"
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        _check("step_size", self.step_size)
+        _check("init_magnitude", self.init_magnitude)
+        if self.epsilon is not None:
+            _check("epsilon", self.epsilon)
+        _check_common(self.where)
+
+    def _project(self, delta):
+        return delta if self.epsilon is None else project(delta, self.epsilon, "l2")
+
+    def __call__(self, model, batch):
+        mask = token_mask(batch)
+        delta = zero_delta(model, batch)
+        if self.init_magnitude > 0:
+            tokens = mask.sum(dim=(1, 2), keepdim=True)  # (batch, 1, 1)
+            scale = self.init_magnitude / torch.sqrt(tokens * delta.shape[-1])
+            delta = self._project(torch.empty_like(delta).uniform_(-1, 1) * mask * scale)
+        losses = []
+        for _ in range(self.steps):
+            delta = delta.detach().requires_grad_()
+            loss = _loss(forward_with(model, batch, delta, self.where))
+            losses.append(loss)
+            (gradient,) = torch.autograd.grad(loss, delta, retain_graph=True)
+            delta = self._project(delta + self.step_size * ascent_direction(gradient, "l2")) * mask
+        total = torch.stack(losses).mean()
+        return total, {"first_loss": losses[0].detach(), "last_loss": losses[-1].detach()}
+
+
+@dataclass
+class VAT:
+    """Virtual adversarial training (Miyato et al., 2019): no labels in the penalty.
+
+    ``r = ξ·d`` with random unit ``d``; K power-iteration steps ``d ← ∇_r KL(p(x) ‖
+    p(x + r))`` normalised; the penalty is ``KL(p(x) ‖ p(x + ε·d))`` with ``p(x)``
+    fixed. The loss is ``L(x) + α · penalty`` (``L`` dropped if the batch has no labels).
+    """
+
+    epsilon: float = 1.0
+    xi: float = 1e-6
+    alpha: float = 1.0
+    steps: int = 1
+    where: str = "word_embeddings"
+
+    def __post_init__(self):
+        _check("epsilon", self.epsilon)
+        _check("xi", self.xi, positive=True)
+        _check("alpha", self.alpha)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        _check_common(self.where)
+
+    def __call__(self, model, batch):
+        mask = token_mask(batch)
+        output = forward_with(model, batch, None, self.where)
+        clean_logits = _logits(output).detach()
+        direction = ascent_direction(torch.randn_like(zero_delta(model, batch)) * mask, "l2")
+        for _ in range(self.steps):
+            r = (self.xi * direction).requires_grad_()
+            divergence = kl_divergence(clean_logits, _logits(forward_with(model, batch, r, self.where)))
+            (gradient,) = torch.autograd.grad(divergence, r)
+            direction = ascent_direction(gradient * mask, "l2").detach()
+        penalty = kl_divergence(clean_logits,
+                                _logits(forward_with(model, batch, self.epsilon * direction, self.where)))
+        loss = output["loss"] if isinstance(output, dict) else output.loss
+        logs = {"vat_penalty": penalty.detach()}
+        if loss is None:
+            return self.alpha * penalty, logs
+        logs["clean_loss"] = loss.detach()
+        return loss + self.alpha * penalty, logs
+
+
+@dataclass
+class ALUM:
+    """ALUM / SMART (Liu et al., 2020; Jiang et al., 2020): a symmetric-KL smoothness term.
+
+    ``δ₀ ~ noise_std · N(0, I)``; K ascent steps on ``KL(p(x) ‖ p(x + δ))`` (clean side
+    fixed), each ``δ ← δ + η·g`` followed by the paper's projection (``g`` normalised by
+    its per-token L∞ norm, then ``Π_ε``) or the code's normalisation ``δ/(‖δ‖∞ + γ)``;
+    the loss is ``L(x) + α · ℓ_sKL(p(x + δ_K), p(x))``.
+    """
+
+    alpha: float = 1.0
+    epsilon: float = 1e-5
+    step_size: float = 1e-3
+    noise_std: float = 1e-5
+    steps: int = 1
+    projection: str = "paper"
+    norm: str = "linf"
+    gamma: float = 1e-6
+    where: str = "embedding_output"
+
+    def __post_init__(self):
+        for name in ("alpha", "epsilon", "step_size", "noise_std"):
+            _check(name, getattr(self, name))
+        _check("gamma", self.gamma, positive=True)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        _check_common(self.where, self.norm)
+
+    def _update(self, delta, gradient):
+        if self.projection == "code":
+            return code_normalise(delta + self.step_size * gradient, self.gamma)
+        direction = gradient / (delta_norm(gradient, self.norm) + self.gamma)
+        return project(delta + self.step_size * direction, self.epsilon, self.norm)
+
+    def adversarial_delta(self, model, batch, clean_logits: torch.Tensor) -> torch.Tensor:
+        """``δ_K`` (detached), from ``δ₀`` drawn with the global generator."""
+        mask = token_mask(batch)
+        delta = torch.randn_like(zero_delta(model, batch)) * self.noise_std * mask
+        for _ in range(self.steps):
+            delta = delta.detach().requires_grad_()
+            adversarial = _logits(forward_with(model, batch, delta, self.where))
+            divergence = kl_divergence(clean_logits.detach(), adversarial)
+            (gradient,) = torch.autograd.grad(divergence, delta)
+            delta = self._update(delta, gradient) * mask
+        return delta.detach()
+
+    def smoothness(self, model, batch, clean_logits: torch.Tensor) -> torch.Tensor:
+        """``ℓ_sKL(p(x + δ_K), p(x))``; gradients flow into both forward passes."""
+        delta = self.adversarial_delta(model, batch, clean_logits)
+        adversarial = _logits(forward_with(model, batch, delta, self.where))
+        return symmetric_kl(adversarial, clean_logits)
+
+    def __call__(self, model, batch):
+        output = forward_with(model, batch, None, self.where)
+        penalty = self.smoothness(model, batch, _logits(output))
+        loss = _loss(output)
+        return loss + self.alpha * penalty, {"clean_loss": loss.detach(),
+                                             "adv_penalty": penalty.detach()}
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def _accuracy(logits, labels):
+    return (logits.argmax(-1) == labels).float().sum().item()
+
+
+def attacked_accuracy(model: nn.Module, batches, attack: PGD) -> dict[str, float]:
+    """Clean accuracy and accuracy under ``attack`` (a :class:`PGD`) on labelled batches.
+
+    The attack maximises the cross-entropy of the true label; the model is put in
+    evaluation mode (no dropout) and restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    clean = attacked = total = 0.0
+    try:
+        for batch in batches:
+            labels = batch["labels"]
+            with torch.no_grad():
+                clean += _accuracy(_logits(forward_with(model, batch, None, attack.where)), labels)
+            with torch.enable_grad():
+                delta = attack.attack(model, batch,
+                                      loss_fn=lambda out: F.cross_entropy(_logits(out).float(), labels))
+            with torch.no_grad():
+                attacked += _accuracy(_logits(forward_with(model, batch, delta, attack.where)), labels)
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    return {"accuracy": clean / total, "attacked_accuracy": attacked / total}
