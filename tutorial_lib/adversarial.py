@@ -43,6 +43,8 @@ def perturbation_site(model: nn.Module, where: str) -> nn.Module:
     """The module whose output ``δ`` is added to."""
     if where not in SITES:
         raise ValueError(f"where must be one of {SITES}, got {where!r}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # the hook goes on the wrapped model's module
     encoder = getattr(model, "encoder", model)
     embeddings = getattr(encoder, "embeddings", None)
     if embeddings is None or not hasattr(embeddings, "word_embeddings"):
