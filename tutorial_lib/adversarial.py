@@ -184,6 +184,51 @@ def _check_common(where: str, norm: str | None = None) -> None:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+@contextlib.contextmanager
+def parameters_frozen(model: nn.Module):
+    """Parameters do not require gradients inside the block (restored afterwards).
+
+    An ascent step needs ``∂/∂δ`` only; with the weights frozen, autograd neither
+    stores what weight gradients would need nor computes them.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+# -- one backward for two gradients ------------------------------------------------------------
+
+def loss_and_gradients(model: nn.Module, loss: torch.Tensor, delta: torch.Tensor, weight: float = 1.0):
+    """``∂loss/∂δ`` and ``weight · ∂loss/∂θ`` from one backward pass.
+
+    A method that needs the gradient with respect to ``δ`` *and* the parameter
+    gradient of the same loss (FGM's clean pass, each FreeLB step) gets both here,
+    instead of a second backward through the same graph later.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    delta_gradient, *gradients = torch.autograd.grad(loss, [delta, *parameters], allow_unused=True)
+    return delta_gradient, [(p, weight * g) for p, g in zip(parameters, gradients) if g is not None]
+
+
+def carry_gradients(value: torch.Tensor, gradients) -> torch.Tensor:
+    """A tensor equal to ``value`` whose backward adds the given parameter gradients.
+
+    ``Σ θ·g − stop_grad(Σ θ·g)`` is zero, and its gradient with respect to ``θ`` is
+    ``g``: returning it from a loss step lets the training loop's single
+    ``backward()`` (with its gradient-accumulation weights and loss scaling) apply
+    gradients that were already computed, at the price of one multiply per weight.
+    """
+    carrier = sum((p * g.detach()).sum() for p, g in gradients)
+    if not torch.is_tensor(carrier):
+        return value
+    return value + (carrier - carrier.detach())
+
+
 # -- the methods ---------------------------------------------------------------------------
 
 @dataclass
@@ -208,11 +253,13 @@ class FGM:
     def __call__(self, model, batch):
         delta = zero_delta(model, batch).requires_grad_()
         clean = _loss(forward_with(model, batch, delta, self.where))
-        (gradient,) = torch.autograd.grad(clean, delta, retain_graph=True)
+        # One backward gives the ascent direction and the clean part of the gradient.
+        gradient, clean_gradients = loss_and_gradients(model, clean, delta, 1 - self.adv_weight)
         delta = (self.epsilon * ascent_direction(gradient, self.norm) * token_mask(batch)).detach()
         adversarial = _loss(forward_with(model, batch, delta, self.where))
-        loss = (1 - self.adv_weight) * clean + self.adv_weight * adversarial
-        return loss, {"clean_loss": clean.detach(), "adv_loss": adversarial.detach()}
+        value = (1 - self.adv_weight) * clean.detach() + self.adv_weight * adversarial
+        return carry_gradients(value, clean_gradients), {"clean_loss": clean.detach(),
+                                                         "adv_loss": adversarial.detach()}
 
 
 @dataclass
@@ -250,8 +297,9 @@ class PGD:
                             self.epsilon, self.norm)
         for _ in range(self.steps):
             delta.requires_grad_()
-            loss = loss_fn(forward_with(model, batch, delta, self.where))
-            (gradient,) = torch.autograd.grad(loss, delta)
+            with parameters_frozen(model):
+                loss = loss_fn(forward_with(model, batch, delta, self.where))
+                (gradient,) = torch.autograd.grad(loss, delta)
             step = delta + self.step_size * ascent_direction(gradient, self.norm)
             delta = (project(step, self.epsilon, self.norm) * mask).detach()
         return delta
@@ -303,15 +351,21 @@ class FreeLB:
             tokens = mask.sum(dim=(1, 2), keepdim=True)  # (batch, 1, 1)
             scale = self.init_magnitude / torch.sqrt(tokens * delta.shape[-1])
             delta = self._project(torch.empty_like(delta).uniform_(-1, 1) * mask * scale)
-        losses = []
+        losses, accumulated = [], {}
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_()
             loss = _loss(forward_with(model, batch, delta, self.where))
-            losses.append(loss)
-            (gradient,) = torch.autograd.grad(loss, delta, retain_graph=True)
-            delta = self._project(delta + self.step_size * ascent_direction(gradient, "l2")) * mask
-        total = torch.stack(losses).mean()
-        return total, {"first_loss": losses[0].detach(), "last_loss": losses[-1].detach()}
+            losses.append(loss.detach())
+            # One backward per step: the ascent direction and this step's share (1/K)
+            # of the parameter gradient, as in the authors' code.
+            gradient, step_gradients = loss_and_gradients(model, loss, delta, 1 / self.steps)
+            for parameter, g in step_gradients:
+                key = id(parameter)
+                accumulated[key] = (parameter, accumulated[key][1] + g if key in accumulated else g)
+            delta = (self._project(delta + self.step_size * ascent_direction(gradient, "l2")) * mask).detach()
+        value = torch.stack(losses).mean()
+        return carry_gradients(value, accumulated.values()), {"first_loss": losses[0],
+                                                               "last_loss": losses[-1]}
 
 
 @dataclass
@@ -344,8 +398,9 @@ class VAT:
         direction = ascent_direction(torch.randn_like(zero_delta(model, batch)) * mask, "l2")
         for _ in range(self.steps):
             r = (self.xi * direction).requires_grad_()
-            divergence = kl_divergence(clean_logits, _logits(forward_with(model, batch, r, self.where)))
-            (gradient,) = torch.autograd.grad(divergence, r)
+            with parameters_frozen(model):
+                divergence = kl_divergence(clean_logits, _logits(forward_with(model, batch, r, self.where)))
+                (gradient,) = torch.autograd.grad(divergence, r)
             direction = ascent_direction(gradient * mask, "l2").detach()
         penalty = kl_divergence(clean_logits,
                                 _logits(forward_with(model, batch, self.epsilon * direction, self.where)))
@@ -399,9 +454,10 @@ class ALUM:
         delta = torch.randn_like(zero_delta(model, batch)) * self.noise_std * mask
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_()
-            adversarial = _logits(forward_with(model, batch, delta, self.where))
-            divergence = kl_divergence(clean_logits.detach(), adversarial)
-            (gradient,) = torch.autograd.grad(divergence, delta)
+            with parameters_frozen(model):
+                adversarial = _logits(forward_with(model, batch, delta, self.where))
+                divergence = kl_divergence(clean_logits.detach(), adversarial)
+                (gradient,) = torch.autograd.grad(divergence, delta)
             delta = self._update(delta, gradient) * mask
         return delta.detach()
 
