@@ -273,3 +273,15 @@ def test_the_hook_is_removed_even_after_an_error():
     with pytest.raises(ValueError, match="delta has shape"):
         adv.forward_with(model, make_batch(), torch.zeros(1, 2, 3), "word_embeddings")
     assert not site._forward_hooks
+
+
+@pytest.mark.parametrize("norm", adv.NORMS)
+def test_one_pgd_step_of_size_epsilon_is_fgm(norm):
+    model = classifier().eval()
+    batch = make_batch()
+    fgm_loss, _ = adv.FGM(epsilon=0.3, norm=norm)(model, batch)
+    fgm = parameter_gradients(model, fgm_loss)
+    pgd_loss, _ = adv.PGD(epsilon=0.3, step_size=0.3, steps=1, norm=norm)(model, batch)
+    pgd = parameter_gradients(model, pgd_loss)
+    assert abs(fgm_loss.item() - pgd_loss.item()) < 1e-6
+    assert_same_gradients(fgm, pgd, atol=1e-6)
