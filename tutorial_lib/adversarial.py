@@ -138,7 +138,7 @@ def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Te
     """KL(softmax(target) ‖ softmax(logits)), summed over classes, mean over rows."""
     target_log_p = target_logits.float().log_softmax(-1)
     log_p = logits.float().log_softmax(-1)
-    rows = target_log_p.reshape(-1, target_log_p.shape[-1]).shape[0]
+    rows = target_log_p.numel() // target_log_p.shape[-1]
     return (target_log_p.exp() * (target_log_p - log_p)).sum() / rows
 
 
@@ -182,23 +182,6 @@ def _check_common(where: str, norm: str | None = None) -> None:
         raise ValueError(f"where must be one of {SITES}, got {where!r}")
     if norm is not None and norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
-@contextlib.contextmanager
-def parameters_frozen(model: nn.Module):
-    """Parameters do not require gradients inside the block (restored afterwards).
-
-    An ascent step needs ``∂/∂δ`` only; with the weights frozen, autograd neither
-    stores what weight gradients would need nor computes them.
-    """
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 # -- one backward for two gradients ------------------------------------------------------------
@@ -297,9 +280,8 @@ class PGD:
                             self.epsilon, self.norm)
         for _ in range(self.steps):
             delta.requires_grad_()
-            with parameters_frozen(model):
-                loss = loss_fn(forward_with(model, batch, delta, self.where))
-                (gradient,) = torch.autograd.grad(loss, delta)
+            loss = loss_fn(forward_with(model, batch, delta, self.where))
+            (gradient,) = torch.autograd.grad(loss, delta)  # δ only: no weight gradients
             step = delta + self.step_size * ascent_direction(gradient, self.norm)
             delta = (project(step, self.epsilon, self.norm) * mask).detach()
         return delta
@@ -398,9 +380,8 @@ class VAT:
         direction = ascent_direction(torch.randn_like(zero_delta(model, batch)) * mask, "l2")
         for _ in range(self.steps):
             r = (self.xi * direction).requires_grad_()
-            with parameters_frozen(model):
-                divergence = kl_divergence(clean_logits, _logits(forward_with(model, batch, r, self.where)))
-                (gradient,) = torch.autograd.grad(divergence, r)
+            divergence = kl_divergence(clean_logits, _logits(forward_with(model, batch, r, self.where)))
+            (gradient,) = torch.autograd.grad(divergence, r)
             direction = ascent_direction(gradient * mask, "l2").detach()
         penalty = kl_divergence(clean_logits,
                                 _logits(forward_with(model, batch, self.epsilon * direction, self.where)))
@@ -454,10 +435,9 @@ class ALUM:
         delta = torch.randn_like(zero_delta(model, batch)) * self.noise_std * mask
         for _ in range(self.steps):
             delta = delta.detach().requires_grad_()
-            with parameters_frozen(model):
-                adversarial = _logits(forward_with(model, batch, delta, self.where))
-                divergence = kl_divergence(clean_logits.detach(), adversarial)
-                (gradient,) = torch.autograd.grad(divergence, delta)
+            adversarial = _logits(forward_with(model, batch, delta, self.where))
+            divergence = kl_divergence(clean_logits.detach(), adversarial)
+            (gradient,) = torch.autograd.grad(divergence, delta)
             delta = self._update(delta, gradient) * mask
         return delta.detach()
 
