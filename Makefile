@@ -41,8 +41,10 @@ unit: setup
 
 # The small pre-trained model the chapters start from: trained once (a few minutes on
 # a CPU) and cached in ~/.cache/tutorial_lib (or $$TUTORIAL_LIB_CACHE); never committed.
+# Then the fine-tuning studies the chapters report (numbers only), cached the same way.
 baseline: setup
 	$(BIN)/python -m tutorial_lib.pretrained cpu
+	$(BIN)/python -m tutorial_lib.finetune
 
 notebooks-check: setup
 	@if ls chapters/*.ipynb labs/*.ipynb >/dev/null 2>&1; then \

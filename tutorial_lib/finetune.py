@@ -1,0 +1,388 @@
+"""Fine-tuning studies on SST-2: one recipe, several training methods, several seeds.
+
+Chapters that change *how* a model is fine-tuned (adversarial training, adversarial
+self-attention, SiFT) compare methods on the same footing: the same data, the same
+number of updates, the same seeds, the same evaluation. This module holds that
+footing once:
+
+* :class:`SST2Recipe` fixes the data (a random subset of SST-2's short training
+  phrases at CPU scale, all of it at GPU scale), the optimiser and the evaluation;
+* :func:`sst2_data` tokenises it; :func:`fine_tune_sst2` trains one classifier with a
+  given loss step (any ``loss_step`` of :func:`tutorial_lib.training.train`, e.g. an
+  :mod:`tutorial_lib.adversarial` method);
+* :func:`robustness_curve` measures accuracy under an embedding-space PGD attack at
+  several radii ε;
+* :class:`Study` names a grid of methods × seeds on the book's baseline, and
+  :func:`run_study` runs it and caches the results (numbers only, no weights) like
+  :mod:`tutorial_lib.pretrained` caches the baseline. Each finished run is written
+  to disk at once, so an interrupted study resumes where it stopped.
+
+``python -m tutorial_lib.finetune adversarial-sst2`` builds a study ahead of the
+notebooks (the book's test run does this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__, data
+from .adversarial import FGM, PGD, ALUM, FreeLB, attacked_accuracy
+from .batching import ClassificationCollator, classification_examples
+from .evaluation import classification_metrics, fixed_batches
+from .model import SequenceClassifier
+from .pretrained import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
+from .training import BatchLoader, default_loss_step, seed_everything, train
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class SST2Recipe:
+    """What is trained on, for how long, and what is evaluated.
+
+    ``max_words`` and ``train_examples`` select a random subset (``data_seed``) of
+    the training phrases of at most ``max_words`` words; ``None`` keeps them all.
+    The development set's 872 sentences are all evaluated clean; the attacks run on
+    a fixed random subset of ``attack_examples`` of them (``None``: all).
+    """
+
+    name: str = "cpu"
+    max_words: int | None = 12
+    train_examples: int | None = 4000
+    max_length: int = 16
+    dev_max_length: int = 64
+    batch_size: int = 32
+    steps: int = 120
+    lr: float = 1e-3
+    warmup_steps: int = 12
+    weight_decay: float = 0.01
+    pooling: str = "mean"
+    attack_examples: int | None = 256
+    data_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_length", "dev_max_length", "batch_size", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_words", "train_examples", "attack_examples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be an integer in [0, steps], got {self.warmup_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+SST2_RECIPES = {
+    # Minutes on two CPU cores: 120 updates of 32 short phrases.
+    "cpu": SST2Recipe(),
+    # The usual GLUE recipe for BERT-base: all 67,349 phrases, 3 epochs of 32.
+    "gpu": SST2Recipe(name="gpu", max_words=None, train_examples=None, max_length=66,
+                      dev_max_length=128, steps=6315, lr=2e-5, warmup_steps=632,
+                      pooling="cls", attack_examples=None),
+}
+
+
+@dataclass
+class SST2Data:
+    """Tokenised SST-2 for one recipe and tokenizer."""
+
+    train: list[dict]
+    dev_batches: list[dict[str, torch.Tensor]]
+    attack_batches: list[dict[str, torch.Tensor]]
+    collator: ClassificationCollator
+    majority_rate: float
+    phrases_available: int
+
+
+def sst2_data(recipe: SST2Recipe, tokenizer: Any) -> SST2Data:
+    """The recipe's training examples and fixed development batches.
+
+    ``tokenizer`` needs ``encode``-style use by :func:`classification_examples` and a
+    ``pad_id`` (the book's tokenizers; wrap a Hugging Face tokenizer to use one).
+    """
+    train_pairs = data.load_sst2("train")
+    dev_pairs = data.load_sst2("dev")
+    if recipe.max_words is not None:
+        train_pairs = [pair for pair in train_pairs if len(pair[0].split()) <= recipe.max_words]
+    available = len(train_pairs)
+    generator = torch.Generator().manual_seed(recipe.data_seed)
+    if recipe.train_examples is not None:
+        if recipe.train_examples > available:
+            raise ValueError(f"train_examples must be <= the {available} phrases available, "
+                             f"got {recipe.train_examples}")
+        order = torch.randperm(available, generator=generator)[:recipe.train_examples]
+        train_pairs = [train_pairs[i] for i in order.tolist()]
+    train_set = classification_examples([t for t, _ in train_pairs], [y for _, y in train_pairs],
+                                        tokenizer, recipe.max_length)
+    dev_set = classification_examples([t for t, _ in dev_pairs], [y for _, y in dev_pairs],
+                                      tokenizer, recipe.dev_max_length)
+    attack_set = dev_set
+    if recipe.attack_examples is not None and recipe.attack_examples < len(dev_set):
+        chosen = torch.randperm(len(dev_set), generator=generator)[:recipe.attack_examples]
+        attack_set = [dev_set[i] for i in sorted(chosen.tolist())]
+    collator = ClassificationCollator(tokenizer.pad_id)
+    by_length = lambda examples: sorted(examples, key=lambda e: len(e["input_ids"]))  # noqa: E731
+    positive = sum(label for _, label in dev_pairs)
+    return SST2Data(train=train_set,
+                    dev_batches=fixed_batches(by_length(dev_set), collator, batch_size=128),
+                    attack_batches=fixed_batches(by_length(attack_set), collator, batch_size=128),
+                    collator=collator,
+                    majority_rate=max(positive, len(dev_pairs) - positive) / len(dev_pairs),
+                    phrases_available=available)
+
+
+def fine_tune_sst2(model: nn.Module, sst2: SST2Data, recipe: SST2Recipe,
+                   loss_step: Callable = default_loss_step, seed: int = 0,
+                   progress: bool = False, **train_overrides: Any) -> dict[str, Any]:
+    """Train ``model`` in place with ``loss_step``; return timing and the loss history.
+
+    The seed fixes the batch order and the dropout masks (and any random start of
+    ``loss_step``); build ``model`` after ``seed_everything(seed)`` to fix its new
+    weights too, as :func:`run_study` does.
+    """
+    loader = BatchLoader(sst2.train, recipe.batch_size, sst2.collator, seed=seed)
+    started = time.perf_counter()
+    result = train(model, loader, steps=recipe.steps, lr=recipe.lr,
+                   warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
+                   seed=seed, log_every=max(recipe.steps // 20, 1), progress=progress,
+                   loss_step=loss_step, **train_overrides)
+    seconds = time.perf_counter() - started
+    return {"train_seconds": seconds, "seconds_per_step": seconds / recipe.steps,
+            "history": result.history}
+
+
+def robustness_curve(model: nn.Module, batches, epsilons, steps: int = 3, norm: str = "l2",
+                     where: str = "word_embeddings") -> list[float]:
+    """Accuracy under a ``steps``-step PGD attack of radius ε, for each ε.
+
+    The step size is ε/2 (so ``steps`` ≥ 2 can reach the sphere from any start);
+    ε = 0 gives the clean accuracy.
+    """
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    accuracies = []
+    for epsilon in epsilons:
+        if not isinstance(epsilon, (int, float)) or epsilon < 0:
+            raise ValueError(f"epsilons must be numbers >= 0, got {epsilon!r}")
+        if epsilon == 0:  # no attack to run
+            accuracies.append(classification_metrics(model, batches)["accuracy"])
+            continue
+        attack = PGD(epsilon=float(epsilon), step_size=float(epsilon) / 2, steps=steps,
+                     norm=norm, where=where)
+        accuracies.append(attacked_accuracy(model, batches, attack)["attacked_accuracy"])
+    return accuracies
+
+
+# -- studies: methods × seeds on the book's baseline, cached -----------------------------------
+
+@dataclass(frozen=True)
+class Study:
+    """A grid of training methods and seeds, fine-tuned from the CPU baseline.
+
+    ``methods`` maps a name to a loss step (``None``: plain training); every method
+    is a dataclass, so its ``repr`` states all its settings and enters the cache key.
+    """
+
+    name: str
+    methods: tuple[tuple[str, Any], ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epsilons: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
+    attack_steps: int = 3
+    recipe: SST2Recipe = field(default_factory=SST2Recipe)
+    baseline: str | BaselineRecipe = "cpu"
+
+    def key(self, baseline_key: str) -> str:
+        files = [data.REGISTRY[f"sst-2/{split}.tsv"] for split in ("train", "dev")]
+        payload = json.dumps({
+            "methods": [(name, repr(method)) for name, method in self.methods],
+            "seeds": self.seeds, "epsilons": self.epsilons, "attack_steps": self.attack_steps,
+            "recipe": dataclasses.asdict(self.recipe), "baseline": baseline_key,
+            "data": [f.sha256 or f.git_blob_sha1 for f in files], "tutorial_lib": __version__,
+        }, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+STUDIES = {
+    # Chapter 1. The radii are for the L2 norm of a whole sentence's perturbation of
+    # the word embeddings, whose rows have norm about 0.3 in the CPU baseline.
+    "adversarial-sst2": Study(
+        name="adversarial-sst2",
+        methods=(("plain", None),
+                 ("FGM", FGM(epsilon=0.01)),
+                 ("PGD-3", PGD(epsilon=0.01, step_size=0.005, steps=3)),
+                 ("FreeLB-3", FreeLB(steps=3, step_size=0.004, epsilon=0.01)),
+                 ("ALUM (paper)", ALUM(alpha=1.0)),
+                 ("ALUM (code)", ALUM(alpha=1.0, projection="code"))),
+    ),
+}
+
+
+@dataclass
+class StudyResult:
+    """One row per (method, seed): accuracies, cost and the final training losses."""
+
+    study: Study
+    runs: list[dict[str, Any]]
+    majority_rate: float
+    path: Path
+    built_now: bool
+
+    def table(self, key: str) -> dict[str, list[float]]:
+        """``{method: [value of key for each seed]}`` in the study's order."""
+        return {name: [run[key] for run in self.runs if run["method"] == name]
+                for name, _ in self.study.methods}
+
+    def curve(self, method: str) -> list[list[float]]:
+        """Per seed, the accuracy at each of the study's epsilons."""
+        return [run["attacked_accuracy"] for run in self.runs if run["method"] == method]
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(value, indent=1))
+    os.replace(staging, path)
+
+
+def run_study(study: str | Study, *, cache_dir: str | Path | None = None, rebuild: bool = False,
+              workers: int = 2, log: Callable[[str], None] | None = None) -> StudyResult:
+    """Run (or load from the cache) every method × seed of ``study``.
+
+    ``workers`` processes run the runs side by side, each with one CPU thread (on two
+    cores this is about 1.5 times faster than one process with two threads); every
+    run's numbers are the same whatever the number of workers, since each run always
+    computes with one thread. ``workers=1`` runs everything in this process.
+    """
+    if isinstance(study, str):
+        if study not in STUDIES:
+            raise ValueError(f"study must be one of {sorted(STUDIES)} or a Study, got {study!r}")
+        study = STUDIES[study]
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
+    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
+    entry = root / f"study-{study.name}-{study.key(baseline.path.name)}"
+    built_now = False
+    if rebuild and entry.exists():
+        shutil.rmtree(entry)
+    if not (entry / "COMPLETE").exists():
+        # A fixed staging name (not per process): an interrupted build keeps its runs.
+        staging = root / f".staging-{entry.name}"
+        (staging / "runs").mkdir(parents=True, exist_ok=True)
+        tasks = [(seed, index) for seed in study.seeds for index in range(len(study.methods))
+                 if not (staging / "runs" / _run_file(study.methods[index][0], seed)).exists()]
+        log = log or (lambda message: None)
+        if workers == 1 or len(tasks) <= 1:
+            sst2 = sst2_data(study.recipe, baseline.tokenizer)
+            for seed, index in tasks:
+                log(_run_one(study, baseline, sst2, seed, index, staging))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_run_in_worker, study, cache_dir, seed, index, staging)
+                           for seed, index in tasks]
+                for future in futures:
+                    log(future.result())
+        names = [_run_file(name, seed) for seed in study.seeds for name, _ in study.methods]
+        majority = sst2_data(study.recipe, baseline.tokenizer).majority_rate
+        _write_json_atomic(staging / "COMPLETE", {"runs": names, "majority_rate": majority,
+                                                  "epsilons": list(study.epsilons)})
+        os.replace(staging, entry)
+        built_now = True
+    summary = json.loads((entry / "COMPLETE").read_text())
+    runs = [json.loads((entry / "runs" / name).read_text()) for name in summary["runs"]]
+    return StudyResult(study, runs, summary["majority_rate"], entry, built_now)
+
+
+def _run_file(method: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() else "-" for c in method.lower())
+    return f"{safe}-seed{seed}.json"
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _run_in_worker(study: Study, cache_dir, seed: int, index: int, out: Path) -> str:
+    # In a worker process: load the baseline and the data once, then run.
+    if "sst2" not in _WORKER_STATE:
+        baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
+        _WORKER_STATE.update(baseline=baseline, sst2=sst2_data(study.recipe, baseline.tokenizer))
+    return _run_one(study, _WORKER_STATE["baseline"], _WORKER_STATE["sst2"], seed, index, out)
+
+
+def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index: int,
+             out: Path) -> str:
+    """Fine-tune and evaluate one (method, seed); write its JSON atomically; return a log line."""
+    name, method = study.methods[index]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in every worker layout
+    try:
+        seed_everything(seed)
+        model = SequenceClassifier(baseline.model.config, num_labels=2,
+                                   pooling=study.recipe.pooling)
+        load_baseline_encoder_into(model, baseline)
+        trained = fine_tune_sst2(model, sst2, study.recipe,
+                                 loss_step=method or default_loss_step, seed=seed)
+        clean = classification_metrics(model, sst2.dev_batches)["accuracy"]
+        curve = robustness_curve(model, sst2.attack_batches, study.epsilons,
+                                 steps=study.attack_steps)
+    finally:
+        torch.set_num_threads(threads)
+    losses = [row["loss"] for row in trained["history"] if row.get("event") == "train"]
+    run = {"method": name, "seed": seed, "accuracy": clean, "attacked_accuracy": curve,
+           "seconds_per_step": trained["seconds_per_step"], "train_loss": losses,
+           "final_logs": {k: v for k, v in trained["history"][-1].items()
+                          if isinstance(v, (int, float))}}
+    _write_json_atomic(out / "runs" / _run_file(name, seed), run)
+    return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
+            + " ".join(f"{a:.3f}" for a in curve)
+            + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tutorial_lib.finetune STUDY ...``: build (or find) cached studies."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.finetune",
+                                     description="Run the book's fine-tuning studies and cache them.")
+    parser.add_argument("studies", nargs="*", metavar="STUDY",
+                        help=f"which studies to run, of {sorted(STUDIES)} (default: all)")
+    parser.add_argument("--rebuild", action="store_true", help="run again even if cached")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes running side by side, one CPU thread each (default: 2)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.studies) - set(STUDIES))
+    if unknown:
+        parser.error(f"unknown study {unknown}; choose from {sorted(STUDIES)}")
+    for name in args.studies or sorted(STUDIES):
+        started = time.perf_counter()
+        result = run_study(name, cache_dir=args.cache_dir, rebuild=args.rebuild,
+                           workers=args.workers, log=lambda message: print(message, flush=True))
+        state = (f"ran now in {time.perf_counter() - started:.0f} s" if result.built_now
+                 else "found in the cache")
+        print(f"study {name!r} {state}: {result.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
