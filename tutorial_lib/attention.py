@@ -330,8 +330,8 @@ class MultiHeadAttention(nn.Module):
 
         scale = _collect_scale(self, ctx, plugins)  # per query: computed on the whole sequence
         if torch.is_tensor(scale):
-            scale = query_blocks(torch.broadcast_to(scale, (batch, scale.shape[-3] if
-                                                            scale.dim() >= 3 else 1, length, 1)))
+            scale_heads = scale.shape[-3] if scale.dim() >= 3 else 1
+            scale = query_blocks(torch.broadcast_to(scale, (batch, scale_heads, length, 1)))
         q_blocks, k_blocks, v_blocks = query_blocks(q), key_blocks(k), key_blocks(v)
         block_ctx.layer_index = ctx.layer_index
         bias, allowed = _collect_bias_and_mask(self, q_blocks, k_blocks, block_ctx, plugins)
