@@ -149,6 +149,95 @@ def test_window_mask_never_lets_a_query_see_beyond_w(length, window, causal):
         assert torch.all(weights[0][:, visible] > 0)
 
 
+class NotBlockwiseBias(AttentionPlugin):
+    """A bias that ignores the context's positions: it must keep the dense path."""
+
+    def score_bias(self, attn, q, k, ctx):
+        return torch.zeros(q.shape[-2], k.shape[-2])
+
+
+def padded_window_case(seed, length, pad, causal):
+    torch.manual_seed(seed)
+    attn = MultiHeadAttention(16, 2).eval()
+    x = torch.randn(2, length, 16)
+    padding = torch.ones(2, length, dtype=torch.bool)
+    padding[1, length - min(pad, length - 1):] = False  # row 1 keeps at least one token
+    return attn, x, padding
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 40), window=st.integers(1, 9), causal=st.booleans(),
+       pad=st.integers(0, 12), seed=st.integers(0, 10_000))
+def test_banded_window_path_equals_the_dense_path(length, window, causal, pad, seed):
+    attn, x, padding = padded_window_case(seed, length, pad, causal)
+    plugins = [RotaryEmbedding(8), SlidingWindowMask(window), PerQueryScale()]
+
+    ctx = make_context(2, length, padding, causal)
+    banded, _ = attn(x, ctx, plugins)
+    assert (("block-context", window) in ctx.cache) == (length > 2 * window)
+    _, weights = attn(x, make_context(2, length, padding, causal), plugins, need_weights=True)
+    attn.banded = False
+    dense, _ = attn(x, make_context(2, length, padding, causal), plugins)
+    # Padded queries see no key in some rows; nothing reads them, so compare real tokens.
+    assert torch.allclose(banded[padding], dense[padding], atol=1e-6)
+    explicit = (weights @ attn.split_heads(attn.value(x))).transpose(1, 2).reshape(2, length, 16)
+    assert torch.allclose(banded[padding], attn.output(explicit)[padding], atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(6, 40), window=st.integers(1, 6), causal=st.booleans(),
+       query=st.integers(0, 39), seed=st.integers(0, 10_000))
+def test_banded_path_never_lets_a_query_see_beyond_w(length, window, causal, query, seed):
+    """Changing every token the window hides from one query leaves its output alone."""
+    query = query % length
+    attn, x, _ = padded_window_case(seed, length, 0, causal)
+    plugins = [RotaryEmbedding(8), SlidingWindowMask(window)]
+    hidden = (torch.arange(length) - query).abs() >= window
+    if causal:
+        hidden |= torch.arange(length) > query
+    changed = x.clone()
+    changed[:, hidden] = torch.randn(2, int(hidden.sum()), 16) * 5
+    before, _ = attn(x, make_context(2, length, causal=causal), plugins)
+    after, _ = attn(changed, make_context(2, length, causal=causal), plugins)
+    assert torch.allclose(before[:, query], after[:, query], atol=1e-5)
+
+
+def test_banded_path_needs_blockwise_plugins_and_a_long_enough_sequence():
+    attn, x, padding = padded_window_case(0, 12, 3, causal=False)
+    ctx = make_context(2, 12, padding)
+    attn(x, ctx, [SlidingWindowMask(3), NotBlockwiseBias()])
+    assert not any(key[0] == "block-context" for key in ctx.cache if isinstance(key, tuple))
+    ctx = make_context(2, 12, padding)
+    attn(x, ctx, [SlidingWindowMask(6)])  # 12 <= 2 * 6: a block would hold everything
+    assert ("block-context", 6) not in ctx.cache
+    # Positions with gaps below 1 would put allowed keys outside the band: dense path.
+    half_steps = torch.arange(12)[None] / 2
+    ctx = AttentionContext(half_steps, half_steps, padding, False)
+    attn(x, ctx, [SlidingWindowMask(3)])
+    assert ("block-context", 3) not in ctx.cache
+
+
+def test_content_scores_hook_replaces_q_dot_k():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 2).eval()
+    x = torch.randn(2, 6, 16)
+
+    class DoubledScores(AttentionPlugin):
+        def content_scores(self, attn, q, k, ctx):
+            return 2 * q @ k.transpose(-1, -2)
+
+    class TimesTwo(AttentionPlugin):
+        def score_scale(self, attn, ctx):
+            return 2.0
+
+    for causal in (False, True):
+        got, _ = attn(x, make_context(2, 6, causal=causal), [DoubledScores()])
+        expected, _ = attn(x, make_context(2, 6, causal=causal), [TimesTwo()])
+        assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="two attention plugins replace content_scores"):
+        attn(x, make_context(2, 6), [DoubledScores(), DoubledScores()])
+
+
 def rope_reference(x, positions, base=10000.0):
     """Interleaved RoPE in float64 with complex numbers: (x_2i + i x_2i+1) * e^{i p theta_i}."""
     d = x.shape[-1]

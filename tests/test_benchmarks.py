@@ -31,3 +31,20 @@ def test_adversarial_benchmark_prints_ratios_as_last_line():
     report = json.loads(result.stdout.strip().splitlines()[-1])["step_time_ratio_vs_plain"]
     assert set(report) == {"fgm", "pgd3", "freelb3", "vat", "alum"}
     assert all(ratio > 0 for ratio in report.values())
+
+
+def test_window_benchmark_prints_ratios_and_exponents_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_window.py", "--hidden", "16", "--heads", "2",
+         "--window", "4", "--seqs", "16", "32", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for seq in ("n16", "n32"):
+        for name in ("full", "window", "window_dense"):
+            assert report[seq][f"{name}_ms"] > 0 and report[seq][f"{name}_peak_mib"] >= 0
+        assert report[seq]["time_ratio_window_vs_full"] > 0
+        assert report[seq]["peak_memory_ratio_window_vs_full"] > 0
+    for kind in ("time_exponent", "peak_memory_exponent"):
+        assert set(report[kind]) == {"full", "window", "window_dense"}
+        assert all(isinstance(value, float) for value in report[kind].values())

@@ -74,6 +74,16 @@ class TransformerConfig:
     rotary_base: float = 10000.0
     rotary_pairing: str = "half"
     attention_window: int | None = None
+    # Length extrapolation (chapter 5, tutorial_lib.extrapolation). Like the options
+    # above they hold no weights, so tutorial_lib.model.set_position_options can switch
+    # them on a trained model. NTK-aware RoPE: base * factor^(d/(d-2)); 1.0 is off.
+    rotary_ntk_factor: float = 1.0
+    # ReRoPE: RoPE with relative positions clipped to [-window, window] (needs rotary).
+    rerope_window: int | None = None
+    # ALiBi: per-head linear distance penalties on the scores (Press et al., 2022).
+    alibi: bool = False
+    # log-n scaling: logits times max(1, log(n)/log(this)), n the keys a query sees.
+    logn_training_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,10 +130,25 @@ class TransformerConfig:
                              f"= {self.head_dim}")
         if self.rotary_base <= 1:
             raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
-        if self.attention_window is not None and (
-                not isinstance(self.attention_window, int) or self.attention_window < 1):
-            raise ValueError(f"attention_window must be None or an integer >= 1, "
-                             f"got {self.attention_window!r}")
+        for name, minimum in (("attention_window", 1), ("rerope_window", 1),
+                              ("logn_training_length", 2)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < minimum):
+                raise ValueError(f"{name} must be None or an integer >= {minimum}, "
+                                 f"got {value!r}")
+        factor = self.rotary_ntk_factor
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+            raise ValueError(f"rotary_ntk_factor must be a number >= 1 (1 = off), got {factor!r}")
+        for name, active in (("rotary_ntk_factor", factor != 1),
+                             ("rerope_window", self.rerope_window is not None)):
+            if active and not self.rotary:
+                raise ValueError(f"{name} modifies RoPE and needs rotary=True")
+        if factor != 1 and self.head_dim < 4:
+            raise ValueError(f"rotary_ntk_factor needs a head dimension >= 4, got hidden_size/"
+                             f"num_heads = {self.head_dim}")
+        if not isinstance(self.alibi, bool):
+            raise ValueError(f"alibi must be True or False, got {self.alibi!r}")
 
     # -- presets and serialisation -------------------------------------------------
     @classmethod

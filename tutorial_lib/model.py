@@ -10,8 +10,10 @@ One stack serves both: :class:`Encoder` with ``config.causal=False`` is BERT
 * pre-LN (GPT-2; Xiong et al., 2020): :math:`h \leftarrow h + \mathrm{Attn}(\mathrm{LN}(h))`,
   :math:`h \leftarrow h + \mathrm{FFN}(\mathrm{LN}(h))`, with a final LayerNorm.
 
-Attention modifications are plugins (:mod:`tutorial_lib.attention`) held in
-``Encoder.attention_plugins``. Heads (masked LM, sequence classification or
+Attention modifications are plugins (:mod:`tutorial_lib.attention`): those the
+config asks for (RoPE and its variants, ALiBi, windows, log-n scaling) are built in
+``Encoder.position_plugins`` and can be changed on a trained model with
+:func:`set_position_options`; those a chapter adds live in ``Encoder.attention_plugins``. Heads (masked LM, sequence classification or
 regression, causal LM) sit on top of an encoder and return a :class:`ModelOutput`.
 The parameter layout follows Hugging Face BERT closely enough that
 :func:`tutorial_lib.interop.from_hf` maps it one tensor to one tensor.
@@ -19,6 +21,7 @@ The parameter layout follows Hugging Face BERT closely enough that
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,7 @@ from torch import nn
 
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
 from .config import TransformerConfig
+from .extrapolation import ALiBi, LogNScaling, ReRotaryEmbedding, ntk_scaled_base
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 IGNORE_INDEX = -100
@@ -142,12 +146,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
                            if config.norm_position == "pre" else None)
+        self.position_plugins = nn.ModuleList(position_plugins(config))
         self.attention_plugins = nn.ModuleList()
-        if config.rotary:
-            self.attention_plugins.append(RotaryEmbedding(
-                config.head_dim, base=config.rotary_base, pairing=config.rotary_pairing))
-        if config.attention_window is not None:
-            self.attention_plugins.append(SlidingWindowMask(config.attention_window))
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def add_attention_plugin(self, plugin: AttentionPlugin) -> AttentionPlugin:
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
         ctx = AttentionContext(query_positions=position_ids, key_positions=position_ids,
                                key_padding_mask=key_padding, causal=self.config.causal)
         h = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
-        plugins = tuple(self.attention_plugins)
+        plugins = tuple(self.position_plugins) + tuple(self.attention_plugins)
         attentions = []
         for layer in self.layers:
             ctx.layer_index = layer.layer_index
@@ -250,6 +250,59 @@ class Encoder(nn.Module):
             if position_ids is not None and position_ids.is_floating_point():
                 raise TypeError("learned position embeddings need integer position_ids")
         return shape[0], shape[1], device
+
+
+def position_plugins(config: TransformerConfig) -> list[AttentionPlugin]:
+    """The attention plugins the config's position options ask for, in calling order."""
+    plugins: list[AttentionPlugin] = []
+    if config.rotary:
+        base = config.rotary_base
+        if config.rotary_ntk_factor != 1:
+            base = ntk_scaled_base(base, config.rotary_ntk_factor, config.head_dim)
+        if config.rerope_window is None:
+            plugins.append(RotaryEmbedding(config.head_dim, base=base,
+                                           pairing=config.rotary_pairing))
+        else:
+            plugins.append(ReRotaryEmbedding(config.head_dim, config.rerope_window, base=base,
+                                             pairing=config.rotary_pairing))
+    if config.alibi:
+        plugins.append(ALiBi(config.num_heads))
+    if config.attention_window is not None:
+        plugins.append(SlidingWindowMask(config.attention_window))
+    if config.logn_training_length is not None:
+        plugins.append(LogNScaling(config.logn_training_length, window=config.attention_window))
+    return plugins
+
+
+POSITION_OPTIONS = ("rotary", "rotary_base", "rotary_pairing", "rotary_ntk_factor",
+                    "rerope_window", "alibi", "logn_training_length", "attention_window")
+
+
+def set_position_options(model: nn.Module, **options) -> TransformerConfig:
+    """Change position options (``POSITION_OPTIONS``) of a built, possibly trained, model.
+
+    None of these options owns weights, so the model's parameters are untouched: the
+    config is replaced (validated) on every module that holds it and the encoder's
+    ``position_plugins`` are rebuilt; plugins added with ``add_attention_plugin`` stay.
+    Returns the new config. Example: ``set_position_options(model, rerope_window=64,
+    logn_training_length=128)`` before evaluating at four times the training length.
+    """
+    unknown = sorted(set(options) - set(POSITION_OPTIONS))
+    if unknown:
+        raise ValueError(f"set_position_options changes only {POSITION_OPTIONS}; "
+                         f"got {unknown}")
+    encoders = [module for module in model.modules() if isinstance(module, Encoder)]
+    if len(encoders) != 1:
+        raise ValueError(f"model must contain exactly one Encoder, found {len(encoders)}")
+    encoder = encoders[0]
+    old = encoder.config
+    new = dataclasses.replace(old, **options)  # validates
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+    device = next(encoder.parameters()).device
+    encoder.position_plugins = nn.ModuleList(position_plugins(new)).to(device)
+    return new
 
 
 def _describe(value) -> str:

@@ -19,7 +19,8 @@ the implementation:
 The two are the same rotation up to a fixed permutation of channels, so a model
 trained with one cannot load weights trained with the other unless the q/k
 projections are permuted. Positions may be fractional (random or evenly spaced
-positions, chapter 5).
+positions, chapter 5). NTK-aware scaling of the base and ReRoPE, which build on
+this module, live in :mod:`tutorial_lib.extrapolation`.
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ class RotaryEmbedding(AttentionPlugin):
         rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1)
         return rotated.flatten(-2)
 
-    def transform_qk(self, attn, q, k, ctx: AttentionContext):
+    def query_key_angles(self, ctx: AttentionContext):
+        """``((q_cos, q_sin), (k_cos, k_sin))`` for the context's positions, cached."""
         # Every layer rotates by the same angles: compute them once per forward pass.
         key = ("rotary", id(self))
         if key not in ctx.cache:
             ctx.cache[key] = (self.cos_sin(ctx.query_positions), self.cos_sin(ctx.key_positions))
-        (q_cos, q_sin), (k_cos, k_sin) = ctx.cache[key]
+        return ctx.cache[key]
+
+    def transform_qk(self, attn, q, k, ctx: AttentionContext):
+        (q_cos, q_sin), (k_cos, k_sin) = self.query_key_angles(ctx)
         return self.rotate(q, q_cos, q_sin), self.rotate(k, k_cos, k_sin)
 
     def extra_repr(self) -> str:
