@@ -33,7 +33,9 @@ overrides any of five hooks, called by :class:`MultiHeadAttention` in this order
 Plugins are owned by the model (``Encoder.attention_plugins``), not by the
 layers, so one plugin serves every layer; ``ctx.layer_index`` tells a plugin
 which layer is calling, and ``ctx.cache`` lets it reuse work across layers
-within one forward pass.
+within one forward pass. Parameters that belong to the model rather than to a
+plugin reach it through the context (``ctx.relative_embeddings``, DeBERTa's
+relative table, held by the encoder).
 
 When no plugin replaces the normaliser and no attention weights are requested,
 the core calls ``torch.nn.functional.scaled_dot_product_attention`` (the fused
@@ -62,6 +64,9 @@ class AttentionContext:
     causal: bool
     layer_index: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    # A table of relative-position embeddings shared by all layers, (rows, hidden),
+    # set by the model that owns it (DeBERTa's encoder-level table).
+    relative_embeddings: torch.Tensor | None = None
 
 
 class AttentionPlugin(nn.Module):

@@ -11,15 +11,18 @@ One stack serves both: :class:`Encoder` with ``config.causal=False`` is BERT
   :math:`h \leftarrow h + \mathrm{FFN}(\mathrm{LN}(h))`, with a final LayerNorm.
 
 Attention modifications are plugins (:mod:`tutorial_lib.attention`) held in
-``Encoder.attention_plugins``. Heads (masked LM, sequence classification or
-regression, causal LM) sit on top of an encoder and return a :class:`ModelOutput`.
+``Encoder.attention_plugins``; ``config.relative_attention`` makes the stack a
+DeBERTa encoder (:mod:`tutorial_lib.deberta`: the disentangled-attention plugin
+and the relative table ``Encoder.relative_embeddings``). Heads (masked LM,
+sequence classification or regression, causal LM) sit on top of an encoder and
+return a :class:`ModelOutput`.
 The parameter layout follows Hugging Face BERT closely enough that
 :func:`tutorial_lib.interop.from_hf` maps it one tensor to one tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from torch import nn
 
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
 from .config import TransformerConfig
+from .deberta import DisentangledAttention, RelativePositionTable
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 IGNORE_INDEX = -100
@@ -129,6 +133,16 @@ class TransformerBlock(nn.Module):
         return h, weights
 
 
+@dataclass
+class EncoderState:
+    """What :meth:`Encoder.encode` returns: enough to run the last layer again (EMD)."""
+
+    hidden_states: torch.Tensor  # (batch, seq, hidden), the encoder's final output
+    last_layer_input: torch.Tensor  # (batch, seq, hidden), H_{L-1}
+    ctx: AttentionContext
+    attentions: list[torch.Tensor] = field(default_factory=list)
+
+
 class Encoder(nn.Module):
     """The Transformer stack: ``forward(input_ids, attention_mask)`` -> (batch, seq, hidden).
 
@@ -148,6 +162,14 @@ class Encoder(nn.Module):
                 config.head_dim, base=config.rotary_base, pairing=config.rotary_pairing))
         if config.attention_window is not None:
             self.attention_plugins.append(SlidingWindowMask(config.attention_window))
+        # DeBERTa: the relative table lives here, shared by every layer (as in Hugging
+        # Face); the plugin holds what is per layer.
+        self.relative_embeddings = None
+        if config.relative_attention:
+            self.relative_embeddings = RelativePositionTable(
+                config.relative_span, config.hidden_size, config.norm_rel_ebd,
+                config.layer_norm_eps)
+            self.attention_plugins.append(DisentangledAttention.from_config(config))
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def add_attention_plugin(self, plugin: AttentionPlugin) -> AttentionPlugin:
@@ -166,6 +188,18 @@ class Encoder(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Final hidden states (batch, seq, hidden); with ``output_attentions`` also the
         per-layer attention weights (batch, heads, query, key)."""
+        state = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                            inputs_embeds, output_attentions)
+        return (state.hidden_states, state.attentions) if output_attentions \
+            else state.hidden_states
+
+    def encode(self, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None,
+               output_attentions: bool = False) -> EncoderState:
+        """Like :meth:`forward`, also returning the last layer's input and the context."""
         batch, length, device = self._check_inputs(input_ids, attention_mask, token_type_ids,
                                                    position_ids, inputs_embeds)
         if position_ids is None:
@@ -176,17 +210,21 @@ class Encoder(nn.Module):
             key_padding = None  # nothing to mask: keep the fused kernel's fastest path
         ctx = AttentionContext(query_positions=position_ids, key_positions=position_ids,
                                key_padding_mask=key_padding, causal=self.config.causal)
+        if self.relative_embeddings is not None:
+            ctx.relative_embeddings = self.relative_embeddings()  # once for all layers
         h = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         plugins = tuple(self.attention_plugins)
         attentions = []
+        last_layer_input = h
         for layer in self.layers:
             ctx.layer_index = layer.layer_index
+            last_layer_input = h
             h, weights = layer(h, ctx, plugins, need_weights=output_attentions)
             if output_attentions:
                 attentions.append(weights)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return (h, attentions) if output_attentions else h
+        return EncoderState(h, last_layer_input, ctx, attentions)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids,
                       inputs_embeds):
