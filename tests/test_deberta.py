@@ -1,4 +1,4 @@
-"""DeBERTa (tutorial_lib.deberta): parity with Hugging Face DeBERTa-v2, configs.
+"""DeBERTa (tutorial_lib.deberta): parity with Hugging Face DeBERTa-v2, the EMD, configs.
 
 Hugging Face models are built from configs with random weights (no download). The
 default initialisation (std 0.02) makes the position terms too small to reveal a
@@ -213,6 +213,60 @@ def test_preset_is_the_deberta_v3_base_configuration():
     assert preset.relative_span == 256 and preset.resolved_max_relative_positions == 512
 
 
+# -- the enhanced mask decoder ------------------------------------------------------------------
+
+def emd_reference(hf, position_table, ids, mask):
+    """The released code's EMD rebuilt from Hugging Face's layers (which take query_states)."""
+    encoder = hf.deberta.encoder
+    out = hf.deberta(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    last_layer_input = out.hidden_states[-2]  # H_{L-1}
+    query = position_table[: ids.shape[1]][None] + last_layer_input
+    attention_mask = encoder.get_attention_mask(mask)
+    relative_pos = encoder.get_rel_pos(last_layer_input)
+    rel_embeddings = encoder.get_rel_embedding()
+    for _ in range(2):  # the last layer twice, shared weights
+        query, _ = encoder.layer[-1](last_layer_input, attention_mask, query_states=query,
+                                     relative_pos=relative_pos, rel_embeddings=rel_embeddings)
+    return hf.lm_predictions(query, hf.deberta.embeddings.word_embeddings)
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_enhanced_mask_decoder_matches_a_reference_built_from_hf_layers(share_att_key):
+    hf, plain = build_pair(seed=5, model="DebertaV2ForMaskedLM", legacy=False,
+                           share_att_key=share_att_key)
+    for sparse in (False, True):
+        emd = build_model("mlm", plain.config, enhanced_mask_decoder=True,
+                          sparse_prediction=sparse).eval()
+        missing, unexpected = emd.load_state_dict(plain.state_dict(), strict=False)
+        assert missing == ["enhanced_mask_decoder.position_embeddings.weight"] and not unexpected
+        with torch.no_grad():
+            emd.enhanced_mask_decoder.position_embeddings.weight.normal_(0, 1.0)
+        ids, mask = padded_batch(seed=5)
+        labels = torch.full_like(ids, -100)
+        labels[:, 0] = ids[:, 0]
+        labels[0, 33] = ids[0, 33]
+        with torch.no_grad():
+            expected = emd_reference(hf, emd.enhanced_mask_decoder.position_embeddings.weight,
+                                     ids, mask)
+            got = emd(ids, mask, labels=labels)
+            plain_logits = plain(ids, mask).logits
+        if sparse:
+            assert got.logits.shape == (5, VOCAB)
+            assert torch.allclose(got.logits, expected[labels != -100], atol=TOLERANCE, rtol=0)
+        else:
+            assert max_diff_on_real_tokens(got.logits, expected, mask) <= TOLERANCE
+            # The decoder matters: without it the logits are clearly different.
+            assert max_diff_on_real_tokens(plain_logits, expected, mask) > 1e-2
+        # hidden_states stays the encoder's output (what fine-tuning uses).
+        assert torch.allclose(got.hidden_states, plain(ids, mask).hidden_states, atol=1e-6)
+
+
+def test_enhanced_mask_decoder_needs_positions_off_in_the_input():
+    config = TransformerConfig.preset("tiny", vocab_size=VOCAB, relative_attention=True)
+    with pytest.raises(ValueError, match="position_embedding='none'"):
+        build_model("mlm", config, enhanced_mask_decoder=True)
+
+
 # -- library behaviour --------------------------------------------------------------------------
 
 def tiny_deberta(**overrides):
@@ -223,10 +277,12 @@ def tiny_deberta(**overrides):
     return TransformerConfig.preset("tiny", **values)
 
 
+@pytest.mark.parametrize("decoder", [False, True])
 @pytest.mark.parametrize("share_att_key", [True, False])
-def test_gradients_reach_every_parameter(share_att_key):
+def test_gradients_reach_every_parameter(share_att_key, decoder):
     torch.manual_seed(0)
-    model = build_model("mlm", tiny_deberta(share_att_key=share_att_key))
+    model = build_model("mlm", tiny_deberta(share_att_key=share_att_key),
+                        enhanced_mask_decoder=decoder)
     ids = torch.randint(5, VOCAB, (3, 21))
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
@@ -277,7 +333,7 @@ def test_plugin_refuses_a_missing_relative_table():
 
 def test_encoder_compiles_without_graph_breaks():
     torch.manual_seed(0)
-    model = build_model("mlm", tiny_deberta()).eval()
+    model = build_model("mlm", tiny_deberta(), enhanced_mask_decoder=True).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     ids = torch.randint(5, VOCAB, (2, 19))
     mask = torch.ones_like(ids)

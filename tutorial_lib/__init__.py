@@ -5,7 +5,8 @@ Modules, each readable on its own:
 * :mod:`tutorial_lib.config`: ``TransformerConfig`` and named presets;
 * :mod:`tutorial_lib.attention`: the attention core and its plugin extension point;
 * :mod:`tutorial_lib.positions`: sinusoidal positions and RoPE;
-* :mod:`tutorial_lib.deberta`: DeBERTa's disentangled attention (a plugin);
+* :mod:`tutorial_lib.deberta`: DeBERTa's disentangled attention (a plugin) and its
+  enhanced mask decoder;
 * :mod:`tutorial_lib.model`: encoder/decoder stacks and heads;
 * :mod:`tutorial_lib.interop`: loading Hugging Face weights;
 * :mod:`tutorial_lib.data`, :mod:`tutorial_lib.tokenization`, :mod:`tutorial_lib.batching`:
@@ -19,7 +20,7 @@ Modules, each readable on its own:
 
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
 from .config import PRESETS, TransformerConfig
-from .deberta import DisentangledAttention, RelativePositionTable
+from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
 from .model import (CausalLM, Encoder, EncoderState, MaskedLM, ModelOutput,
                     SequenceClassifier, build_model)
 from .positions import RotaryEmbedding, sinusoidal_embedding
@@ -30,5 +31,5 @@ __all__ = [
     "AttentionContext", "AttentionPlugin", "MultiHeadAttention", "SlidingWindowMask",
     "PRESETS", "TransformerConfig", "CausalLM", "Encoder", "MaskedLM", "ModelOutput",
     "SequenceClassifier", "build_model", "RotaryEmbedding", "sinusoidal_embedding",
-    "DisentangledAttention", "RelativePositionTable", "EncoderState",
+    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionTable", "EncoderState",
 ]

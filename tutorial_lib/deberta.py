@@ -1,4 +1,4 @@
-r"""DeBERTa: disentangled attention.
+r"""DeBERTa: disentangled attention and the enhanced mask decoder.
 
 He, Liu, Gao and Chen, "DeBERTa: Decoding-enhanced BERT with Disentangled
 Attention" (ICLR 2021), and He, Gao and Chen, "DeBERTaV3" (2021), which keeps
@@ -49,6 +49,9 @@ How it plugs into the library
 * With ``share_att_key=True`` (v2/v3) the layer's own :math:`W_q, W_k` (biases
   included) project the table; otherwise the plugin holds one pair of position
   projections per layer and picks them by ``ctx.layer_index``.
+* :class:`EnhancedMaskDecoder` is the EMD of the released code
+  (``apps/models/masked_language_model.py``): absolute positions enter only
+  here, just before the masked-LM head.
 
 Relative positions are :math:`i - j` of the position ids (the sequence index by
 default), so queries and keys of different lengths are handled by the same
@@ -245,3 +248,48 @@ class DisentangledAttention(AttentionPlugin):
         return (f"span={self.span}, pos_att_type={terms}, position_buckets="
                 f"{self.position_buckets}, share_att_key={self.share_att_key}, "
                 f"p2c_convention={self.p2c_convention!r}")
+
+
+class EnhancedMaskDecoder(nn.Module):
+    r"""DeBERTa's EMD: absolute positions enter just before the masked-LM head.
+
+    Following the released code (microsoft/DeBERTa, ``EnhancedMaskDecoder``): with
+    :math:`H_{L-1}` the input of the last encoder layer and :math:`P_{abs}` absolute
+    position embeddings, the query stream starts at :math:`P_{abs} + H_{L-1}` and the
+    last layer is applied ``passes`` times (2, weights shared), each time attending
+    with keys and values :math:`H_{L-1}`; the last query stream feeds the MLM head.
+    The released checkpoints store :math:`P_{abs}` as
+    ``deberta.embeddings.position_embeddings`` (Hugging Face drops it on loading).
+    """
+
+    def __init__(self, config, passes: int = 2):
+        super().__init__()
+        if config.position_embedding != "none":
+            raise ValueError(
+                "the enhanced mask decoder adds absolute positions before the head, so it "
+                f"needs position_embedding='none', got {config.position_embedding!r} (the "
+                "released code uses the plain head when positions are already in the input)")
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+        self.passes = passes
+        self.max_positions = config.max_position_embeddings
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings,
+                                                config.hidden_size)
+
+    def forward(self, last_layer: nn.Module, last_layer_input: torch.Tensor,
+                ctx: AttentionContext, plugins=()) -> torch.Tensor:
+        """(batch, seq, hidden) query stream after the last pass."""
+        positions = ctx.query_positions
+        if positions.is_floating_point():
+            raise TypeError("the enhanced mask decoder needs integer position_ids")
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.max_positions:
+            raise ValueError(f"position {int(positions.max())} is beyond the decoder's "
+                             f"max_position_embeddings={self.max_positions}")
+        query = self.position_embeddings(positions.long()) + last_layer_input
+        ctx.layer_index = last_layer.layer_index
+        for _ in range(self.passes):
+            query, _ = last_layer(query, ctx, plugins, key_value_states=last_layer_input)
+        return query
+
+    def extra_repr(self) -> str:
+        return f"passes={self.passes}"

@@ -30,7 +30,7 @@ from torch import nn
 
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
 from .config import TransformerConfig
-from .deberta import DisentangledAttention, RelativePositionTable
+from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 IGNORE_INDEX = -100
@@ -343,35 +343,57 @@ class MaskedLM(_LanguageModelBase):
     order of ``labels != -100``. Only about 15% of positions carry a label, and the
     vocabulary projection is a large part of a small model's step, so this speeds up
     pre-training without changing the loss. Without labels the logits are dense.
+
+    With ``enhanced_mask_decoder=True`` (DeBERTa, :class:`~tutorial_lib.deberta.
+    EnhancedMaskDecoder`; needs ``position_embedding="none"``) the head reads the
+    EMD's query stream: absolute positions plus the last layer's input, passed twice
+    through the last layer. ``hidden_states`` stays the encoder's output, the
+    representation fine-tuning uses; the EMD is for pre-training only.
     """
 
-    def __init__(self, config: TransformerConfig, sparse_prediction: bool = False):
+    def __init__(self, config: TransformerConfig, sparse_prediction: bool = False,
+                 enhanced_mask_decoder: bool = False):
         super().__init__(config)
         self.sparse_prediction = sparse_prediction
         self.transform = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation]
         init_weights(self.transform, config.initializer_range)
+        self.enhanced_mask_decoder = (EnhancedMaskDecoder(config) if enhanced_mask_decoder
+                                      else None)
+        if self.enhanced_mask_decoder is not None:
+            init_weights(self.enhanced_mask_decoder.position_embeddings,
+                         config.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
                 output_attentions=False) -> ModelOutput:
-        h, attentions = _run_encoder(self.encoder, input_ids, attention_mask, token_type_ids,
-                                     position_ids, inputs_embeds, output_attentions)
+        state = self.encoder.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                    inputs_embeds, output_attentions)
+        h = state.hidden_states
+        attentions = state.attentions if output_attentions else None
+        head_input = h if self.enhanced_mask_decoder is None else self.decode(state)
         if labels is not None:
             _check_labels(labels, h.shape[:2], "token")
         loss = None
         if labels is not None and self.sparse_prediction:
             targets = labels != IGNORE_INDEX
-            logits = self.predict(h[targets])  # (n_masked, vocab)
+            logits = self.predict(head_input[targets])  # (n_masked, vocab)
             loss = F.cross_entropy(logits.float(), labels[targets])
         else:
-            logits = self.predict(h)  # (batch, seq, vocab)
+            logits = self.predict(head_input)  # (batch, seq, vocab)
             if labels is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                        ignore_index=IGNORE_INDEX)
         return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions)
 
+
+    def decode(self, state: EncoderState) -> torch.Tensor:
+        """The enhanced mask decoder's output (batch, seq, hidden) for an encoder state."""
+        plugins = tuple(self.encoder.attention_plugins)
+        h = self.enhanced_mask_decoder(self.encoder.layers[-1], state.last_layer_input,
+                                       state.ctx, plugins)
+        return h if self.encoder.final_norm is None else self.encoder.final_norm(h)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         """The head: (..., hidden) -> (..., vocab) logits."""
@@ -469,7 +491,8 @@ TASKS = {"mlm": MaskedLM, "causal-lm": CausalLM, "classification": SequenceClass
 
 
 def build_model(task: str, config: TransformerConfig, **kwargs) -> nn.Module:
-    """``task`` in ``TASKS``; ``kwargs`` go to the head (e.g. ``num_labels``, ``pooling``)."""
+    """``task`` in ``TASKS``; ``kwargs`` go to the head (e.g. ``num_labels``, ``pooling``,
+    ``enhanced_mask_decoder=True`` for DeBERTa's masked LM)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     if not isinstance(config, TransformerConfig):
