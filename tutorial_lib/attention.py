@@ -170,7 +170,9 @@ class MultiHeadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
 
         if normaliser is None and not need_weights:
-            context = self._fused(q, k, v, ctx, scale, bias, allowed, dropout)
+            attn_mask, is_causal = self._additive_mask(q, k, ctx, bias, allowed)
+            del bias  # the mask includes it: one (batch, heads, query, key) tensor alive, not two
+            context = self._fused(q, k, v, scale, attn_mask, is_causal, dropout)
             weights = None
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
@@ -221,22 +223,31 @@ class MultiHeadAttention(nn.Module):
                 normaliser = plugin.normalise
         return scale, bias, allowed, normaliser
 
-    def _fused(self, q, k, v, ctx, scale, bias, allowed, dropout):
-        base_scale = 1.0 / math.sqrt(self.head_dim)
-        if torch.is_tensor(scale):
-            # A per-query scale multiplies q; the fused kernel then applies 1/sqrt(d).
-            q = q * scale.to(q.dtype)
-            scale = 1.0
+    def _additive_mask(self, q, k, ctx, bias, allowed):
+        """The fused kernel's float mask (bias, and the most negative value where not
+        allowed) and whether its own causal mask can be used instead."""
         is_causal = ctx.causal and bias is None and allowed is None \
             and q.shape[-2] == k.shape[-2]
         if ctx.causal and not is_causal:
             allowed = _and(allowed, _causal_mask(ctx, q.device))
         attn_mask = None
-        if bias is not None or allowed is not None:
-            attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None \
-                else bias.to(q.dtype)
-            if allowed is not None:
-                attn_mask = torch.where(allowed, attn_mask, torch.finfo(q.dtype).min)
+        if allowed is not None:  # in the masks' own (broadcast) shape, often (batch, 1, 1, key)
+            attn_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device) \
+                .masked_fill(~allowed, torch.finfo(q.dtype).min)
+        if bias is not None:
+            # Added, not selected with torch.where: the bias's gradient then passes
+            # through unchanged instead of costing a (batch, heads, query, key) pass.
+            # A finite bias plus the most negative value stays the most negative value.
+            bias = bias.to(q.dtype)
+            attn_mask = bias if attn_mask is None else bias + attn_mask
+        return attn_mask, is_causal
+
+    def _fused(self, q, k, v, scale, attn_mask, is_causal, dropout):
+        base_scale = 1.0 / math.sqrt(self.head_dim)
+        if torch.is_tensor(scale):
+            # A per-query scale multiplies q; the fused kernel then applies 1/sqrt(d).
+            q = q * scale.to(q.dtype)
+            scale = 1.0
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
             scale=base_scale * scale)

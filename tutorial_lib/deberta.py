@@ -202,7 +202,9 @@ class DisentangledAttention(AttentionPlugin):
             p2c = torch.matmul(k, position_queries.transpose(-1, -2))  # (batch, heads, key, rows)
             p2c = p2c.gather(-1, p2c_index[:, None].expand(batch, heads, key_len, query_len))
             p2c = p2c.transpose(-1, -2)  # (batch, heads, query, key)
-            bias = p2c if bias is None else bias + p2c
+            # In place: gather keeps no output for its backward, and a (batch, heads,
+            # query, key) tensor less is a large part of this layer's peak memory.
+            bias = p2c if bias is None else bias.add_(p2c)
         return bias
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
