@@ -164,7 +164,8 @@ def test_training_mode_gradients_match_deberta_v2():
         (ours.relative_embeddings.norm.weight, hf.encoder.LayerNorm.weight),
         (plugin.position_key[1].weight, hf.encoder.layer[1].attention.self.pos_key_proj.weight),
         (plugin.position_query[0].bias, hf.encoder.layer[0].attention.self.pos_query_proj.bias),
-        (ours.layers[0].attention.query.weight, hf.encoder.layer[0].attention.self.query_proj.weight),
+        (ours.layers[0].attention.query.weight,
+         hf.encoder.layer[0].attention.self.query_proj.weight),
     ]
     for mine, theirs in pairs:
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-4, rtol=1e-4)
