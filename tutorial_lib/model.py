@@ -344,10 +344,10 @@ class MaskedLM(_LanguageModelBase):
     vocabulary projection is a large part of a small model's step, so this speeds up
     pre-training without changing the loss. Without labels the logits are dense.
 
-    With ``enhanced_mask_decoder=True`` (DeBERTa, :class:`~tutorial_lib.deberta.
-    EnhancedMaskDecoder`; needs ``position_embedding="none"``) the head reads the
-    EMD's query stream: absolute positions plus the last layer's input, passed twice
-    through the last layer. ``hidden_states`` stays the encoder's output, the
+    With ``enhanced_mask_decoder=True`` (DeBERTa's EMD,
+    :class:`~tutorial_lib.deberta.EnhancedMaskDecoder`; needs
+    ``position_embedding="none"``) the head reads the EMD's query stream: absolute
+    positions plus the last layer's input, passed twice through the last layer. ``hidden_states`` stays the encoder's output, the
     representation fine-tuning uses; the EMD is for pre-training only.
     """
 
