@@ -48,3 +48,23 @@ def test_window_benchmark_prints_ratios_and_exponents_as_last_line():
     for kind in ("time_exponent", "peak_memory_exponent"):
         assert set(report[kind]) == {"full", "window", "window_dense"}
         assert all(isinstance(value, float) for value in report[kind].values())
+
+
+def test_deberta_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_deberta.py", "--hidden", "32", "--layers", "1",
+         "--heads", "2", "--ffn", "64", "--vocab", "100", "--batch", "2", "--seqs", "16", "32",
+         "--buckets", "8", "--max-relative", "24", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["goals"]) == {"attention_time_ratio_vs_hf",
+                                    "attention_peak_memory_ratio_vs_hf",
+                                    "encoder_step_time_ratio_vs_bert"}
+    for seq in ("seq16", "seq32"):
+        assert set(report["attention"][seq]) == {"time_ratio_vs_hf", "peak_memory_ratio_vs_hf"}
+        assert set(report["encoder_step"][seq]) == {
+            "time_ratio_vs_bert", "peak_memory_ratio_vs_bert", "hf_deberta_time_ratio_vs_bert",
+            "time_ratio_vs_hf_deberta"}
+        values = [*report["attention"][seq].values(), *report["encoder_step"][seq].values()]
+        assert all(value > 0 for value in values)

@@ -7,6 +7,8 @@ Modules, each readable on its own:
 * :mod:`tutorial_lib.positions`: sinusoidal positions and RoPE;
 * :mod:`tutorial_lib.extrapolation`: length extrapolation (NTK-aware RoPE, ReRoPE, ALiBi,
   log-n scaling, random and evenly spaced positions);
+* :mod:`tutorial_lib.deberta`: DeBERTa's disentangled attention (a plugin) and its
+  enhanced mask decoder;
 * :mod:`tutorial_lib.model`: encoder/decoder stacks and heads;
 * :mod:`tutorial_lib.interop`: loading Hugging Face weights;
 * :mod:`tutorial_lib.data`, :mod:`tutorial_lib.tokenization`, :mod:`tutorial_lib.batching`:
@@ -25,6 +27,9 @@ from .extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding, alibi_slopes,
                             ntk_scaled_base, random_positions)
 from .model import (CausalLM, Encoder, MaskedLM, ModelOutput, SequenceClassifier,
                     build_model, set_position_options)
+from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
+from .model import (CausalLM, Encoder, EncoderState, MaskedLM, ModelOutput,
+                    SequenceClassifier, build_model)
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 __version__ = "0.1.0"
@@ -36,4 +41,5 @@ __all__ = [
     "set_position_options", "ALiBi", "LogNScaling", "ReRotaryEmbedding", "alibi_slopes",
     "equal_mean_random_positions", "evenly_spaced_positions", "ntk_scaled_base",
     "random_positions",
+    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionTable", "EncoderState",
 ]

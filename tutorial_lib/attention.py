@@ -43,7 +43,9 @@ Plugins are owned by the model (``Encoder.position_plugins`` for those built fro
 the config, ``Encoder.attention_plugins`` for those added by a chapter), not by
 the layers, so one plugin serves every layer; ``ctx.layer_index`` tells a plugin
 which layer is calling, and ``ctx.cache`` lets it reuse work across layers
-within one forward pass.
+within one forward pass. Parameters that belong to the model rather than to a
+plugin reach it through the context (``ctx.relative_embeddings``, DeBERTa's
+relative table, held by the encoder).
 
 Three paths, one result
 -----------------------
@@ -93,6 +95,9 @@ class AttentionContext:
     causal: bool
     layer_index: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    # A table of relative-position embeddings shared by all layers, (rows, hidden),
+    # set by the model that owns it (DeBERTa's encoder-level table).
+    relative_embeddings: torch.Tensor | None = None
 
 
 class AttentionPlugin(nn.Module):
@@ -247,8 +252,9 @@ class MultiHeadAttention(nn.Module):
             context = self._banded(q, k, v, ctx, plugins, band, dropout)
         elif fused:
             scale = _collect_scale(self, ctx, plugins)
-            bias, allowed = _collect_bias_and_mask(self, q, k, ctx, plugins)
-            context = self._fused(q, k, v, ctx, scale, bias, allowed, dropout)
+            # No local name for the bias: _fused folds it into the mask and drops it.
+            context = self._fused(q, k, v, ctx, scale,
+                                  *_collect_bias_and_mask(self, q, k, ctx, plugins), dropout)
         else:
             scale = _collect_scale(self, ctx, plugins)
             bias, allowed = _collect_bias_and_mask(self, q, k, ctx, plugins)
@@ -282,11 +288,16 @@ class MultiHeadAttention(nn.Module):
         if ctx.causal and not is_causal:
             allowed = _and(allowed, _causal_mask(ctx, q.device))
         attn_mask = None
-        if bias is not None or allowed is not None:
-            attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None \
-                else bias.to(q.dtype)
-            if allowed is not None:
-                attn_mask = torch.where(allowed, attn_mask, torch.finfo(q.dtype).min)
+        if allowed is not None:  # in the masks' own (broadcast) shape, often (batch, 1, 1, key)
+            attn_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device) \
+                .masked_fill(~allowed, torch.finfo(q.dtype).min)
+        if bias is not None:
+            # Added, not selected with torch.where: the bias's gradient then passes
+            # through unchanged instead of costing a (batch, heads, query, key) pass.
+            # A finite bias plus the most negative value stays the most negative value.
+            bias = bias.to(q.dtype)
+            attn_mask = bias if attn_mask is None else bias + attn_mask
+        del bias  # the mask includes it: one (batch, heads, query, key) tensor alive, not two
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
             scale=base_scale * scale)

@@ -4,10 +4,12 @@ Every model in the book is described by a :class:`TransformerConfig`. A chapter
 that changes the architecture does so through a field here (or by adding an
 attention plugin, see :mod:`tutorial_lib.attention`), never by copying a model.
 
-Presets are shapes only; everything else is passed as an override::
+Presets are shapes (and, for DeBERTa, its attention scheme); everything else is
+passed as an override::
 
     TransformerConfig.preset("cpu-notebook", vocab_size=8000)
     TransformerConfig.preset("bert-base", causal=True, norm_position="pre")
+    TransformerConfig.preset("deberta-v3-base", share_att_key=False)
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ POSITION_EMBEDDINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("post", "pre")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 ROTARY_PAIRINGS = ("half", "interleaved")
+POSITION_TERMS = ("c2p", "p2c")
+P2C_CONVENTIONS = ("code", "paper")
+REL_NORMS = ("none", "layer_norm")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For unit tests: every code path, milliseconds per step.
@@ -36,6 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                         max_position_embeddings=512),
     "bert-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                       max_position_embeddings=512, vocab_size=30522),
+    # microsoft/deberta-v3-base: no absolute positions in the input, disentangled
+    # attention with 256 log buckets over 512 positions, shared keys, normalised table.
+    "deberta-v3-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                            max_position_embeddings=512, vocab_size=128100, type_vocab_size=0,
+                            position_embedding="none", layer_norm_eps=1e-7,
+                            relative_attention=True, pos_att_type=("p2c", "c2p"),
+                            position_buckets=256, max_relative_positions=512,
+                            share_att_key=True, norm_rel_ebd="layer_norm"),
 }
 
 
@@ -84,14 +97,46 @@ class TransformerConfig:
     alibi: bool = False
     # log-n scaling: logits times max(1, log(n)/log(this)), n the keys a query sees.
     logn_training_length: int | None = None
+    # DeBERTa's disentangled attention (tutorial_lib.deberta). Off: BERT's attention.
+    relative_attention: bool = False
+    # Position terms added to content-to-content: "c2p", "p2c" or both.
+    pos_att_type: tuple[str, ...] = POSITION_TERMS
+    # > 0: v2/v3 log buckets and a table of 2 * position_buckets rows; 0: v1's clamp.
+    position_buckets: int = 0
+    # k of the clamp (and R of the log buckets); None means max_position_embeddings.
+    max_relative_positions: int | None = None
+    # True: the layer's own W_q, W_k project the relative table (v2/v3); False: each
+    # layer has separate position projections.
+    share_att_key: bool = False
+    # "layer_norm": normalise the relative table (v2/v3); "none": use it as is.
+    norm_rel_ebd: str = "none"
+    # Index of the p2c term: "code" delta(i, j) (released code, checkpoints) or
+    # "paper" delta(j, i) (the paper's equation).
+    p2c_convention: str = "code"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Accept Hugging Face's "p2c|c2p" and JSON's lists; store a tuple.
+        if isinstance(self.pos_att_type, str):
+            self.pos_att_type = tuple(t.strip() for t in self.pos_att_type.lower().split("|")
+                                      if t.strip())
+        elif isinstance(self.pos_att_type, list):
+            self.pos_att_type = tuple(self.pos_att_type)
         self.validate()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def resolved_max_relative_positions(self) -> int:
+        return self.max_relative_positions or self.max_position_embeddings
+
+    @property
+    def relative_span(self) -> int:
+        """k: the relative table has 2k rows (DeBERTa)."""
+        return self.position_buckets if self.position_buckets > 0 \
+            else self.resolved_max_relative_positions
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field for any invalid combination."""
@@ -149,6 +194,37 @@ class TransformerConfig:
                              f"num_heads = {self.head_dim}")
         if not isinstance(self.alibi, bool):
             raise ValueError(f"alibi must be True or False, got {self.alibi!r}")
+        self._validate_disentangled_attention()
+
+    def _validate_disentangled_attention(self) -> None:
+        for name in ("relative_attention", "share_att_key"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        terms = self.pos_att_type
+        if not isinstance(terms, tuple) or any(t not in POSITION_TERMS for t in terms) \
+                or len(set(terms)) != len(terms):
+            raise ValueError(f"pos_att_type must be distinct entries of {POSITION_TERMS} "
+                             f"(or 'c2p|p2c'), got {terms!r}")
+        if not isinstance(self.position_buckets, int) or isinstance(self.position_buckets, bool) \
+                or self.position_buckets < 0 or self.position_buckets == 1:
+            raise ValueError(f"position_buckets must be 0 (no log buckets) or an integer >= 2, "
+                             f"got {self.position_buckets!r}")
+        maximum = self.max_relative_positions
+        if maximum is not None and (not isinstance(maximum, int) or isinstance(maximum, bool)
+                                    or maximum < 1):
+            raise ValueError(f"max_relative_positions must be None or an integer >= 1, "
+                             f"got {maximum!r}")
+        if self.position_buckets and \
+                self.resolved_max_relative_positions - 1 <= self.position_buckets // 2:
+            raise ValueError(
+                f"max_relative_positions ({self.resolved_max_relative_positions}) must exceed "
+                f"position_buckets // 2 + 1 ({self.position_buckets // 2 + 1}): the log "
+                f"buckets spread the distances between the two")
+        if self.norm_rel_ebd not in REL_NORMS:
+            raise ValueError(f"norm_rel_ebd must be one of {REL_NORMS}, got {self.norm_rel_ebd!r}")
+        if self.p2c_convention not in P2C_CONVENTIONS:
+            raise ValueError(f"p2c_convention must be one of {P2C_CONVENTIONS}, "
+                             f"got {self.p2c_convention!r}")
 
     # -- presets and serialisation -------------------------------------------------
     @classmethod

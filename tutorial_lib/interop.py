@@ -8,6 +8,16 @@ from a config with random weights and check that the outputs agree to 1e-5 in
 float32, padded batches included. Online, :func:`load_pretrained` downloads a
 real checkpoint (``bert-base-uncased``) and converts it.
 
+DeBERTa-v2/v3 (``DebertaV2Model``, ``DebertaV2ForMaskedLM``) maps the same way
+onto an encoder with ``relative_attention=True``: the relative table
+``encoder.rel_embeddings`` (and ``encoder.LayerNorm``) becomes
+``Encoder.relative_embeddings``; the per-layer ``pos_key_proj``/``pos_query_proj``
+(when ``share_att_key`` is off) become the plugin's ``position_key``/``position_query``
+of that layer. Hugging Face names the masked-LM head ``cls.predictions.*`` when
+``config.legacy`` is True (its default; a BERT-style head) and
+``lm_predictions.lm_head.*`` when False, the released checkpoints' names, always
+tied to the word embeddings. Both map onto :class:`MaskedLM`'s head.
+
 ``transformers`` is imported lazily: the rest of the library does not need it.
 """
 
@@ -19,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import TransformerConfig
+from .deberta import DisentangledAttention
 from .model import Encoder, MaskedLM, SequenceClassifier
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -55,6 +66,106 @@ def config_from_hf_bert(hf_config: Any) -> TransformerConfig:
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
     )
+
+
+def config_from_hf_deberta(hf_config: Any) -> TransformerConfig:
+    """Translate a ``DebertaV2Config`` into a :class:`TransformerConfig` (post-LN).
+
+    Hugging Face reads ``position_buckets``, ``share_att_key`` and ``norm_rel_ebd``
+    with ``getattr`` (extra keyword arguments of the strict 5.x config); their
+    defaults are used when absent.
+    """
+    activation = hf_config.hidden_act
+    if activation not in _HF_ACTIVATIONS:
+        raise ValueError(f"hidden_act {activation!r} is not supported; "
+                         f"supported: {sorted(_HF_ACTIVATIONS)}")
+    if not getattr(hf_config, "relative_attention", False):
+        raise ValueError("only DeBERTa with relative_attention=True is supported")
+    embedding_size = getattr(hf_config, "embedding_size", hf_config.hidden_size)
+    if embedding_size != hf_config.hidden_size:
+        raise ValueError(f"embedding_size ({embedding_size}) != hidden_size "
+                         f"({hf_config.hidden_size}) is not supported")
+    if getattr(hf_config, "conv_kernel_size", 0) > 0:
+        raise ValueError("the convolution layer of DeBERTa-v2-xlarge (conv_kernel_size > 0) "
+                         "is not supported")
+    head_size = getattr(hf_config, "attention_head_size", None)
+    if head_size is not None and head_size * hf_config.num_attention_heads \
+            != hf_config.hidden_size:
+        raise ValueError("attention_head_size * num_attention_heads must equal hidden_size")
+    norms = {x.strip() for x in str(getattr(hf_config, "norm_rel_ebd", "none")).lower().split("|")}
+    if not norms <= {"none", "layer_norm"}:
+        raise ValueError(f"norm_rel_ebd {hf_config.norm_rel_ebd!r} is not supported")
+    max_relative = getattr(hf_config, "max_relative_positions", -1)
+    buckets = getattr(hf_config, "position_buckets", -1)
+    return TransformerConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        position_embedding="learned" if getattr(hf_config, "position_biased_input", True)
+        else "none",
+        type_vocab_size=hf_config.type_vocab_size,
+        norm_position="post",
+        activation=_HF_ACTIVATIONS[activation],
+        hidden_dropout=hf_config.hidden_dropout_prob,
+        attention_dropout=hf_config.attention_probs_dropout_prob,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        initializer_range=hf_config.initializer_range,
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        relative_attention=True,
+        pos_att_type=tuple(hf_config.pos_att_type or ()),
+        position_buckets=buckets if buckets > 0 else 0,
+        # Hugging Face's -1 means max_position_embeddings; say so explicitly.
+        max_relative_positions=max_relative if max_relative >= 1
+        else hf_config.max_position_embeddings,
+        share_att_key=bool(getattr(hf_config, "share_att_key", False)),
+        norm_rel_ebd="layer_norm" if "layer_norm" in norms else "none",
+        p2c_convention="code",
+    )
+
+
+def _deberta_encoder_mapping(encoder: Encoder, prefix: str) -> dict[str, str]:
+    """tutorial_lib encoder parameter name -> Hugging Face DebertaV2Model parameter name."""
+    config = encoder.config
+    mapping = {
+        "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+        "embeddings.norm.weight": "embeddings.LayerNorm.weight",
+        "embeddings.norm.bias": "embeddings.LayerNorm.bias",
+        "relative_embeddings.embeddings.weight": "encoder.rel_embeddings.weight",
+    }
+    if config.position_embedding == "learned":
+        mapping["embeddings.position_embeddings.weight"] = "embeddings.position_embeddings.weight"
+    if config.type_vocab_size > 0:
+        mapping["embeddings.token_type_embeddings.weight"] = \
+            "embeddings.token_type_embeddings.weight"
+    if config.norm_rel_ebd == "layer_norm":
+        for kind in ("weight", "bias"):
+            mapping[f"relative_embeddings.norm.{kind}"] = f"encoder.LayerNorm.{kind}"
+    plugin_index = next(i for i, plugin in enumerate(encoder.attention_plugins)
+                        if isinstance(plugin, DisentangledAttention))
+    plugin = encoder.attention_plugins[plugin_index]
+    for i in range(config.num_layers):
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for name in ("query", "key", "value"):
+                mapping[f"{ours}attention.{name}.{kind}"] = \
+                    f"{theirs}attention.self.{name}_proj.{kind}"
+            mapping[f"{ours}attention.output.{kind}"] = f"{theirs}attention.output.dense.{kind}"
+            mapping[f"{ours}attention_norm.{kind}"] = f"{theirs}attention.output.LayerNorm.{kind}"
+            mapping[f"{ours}feed_forward.up.{kind}"] = f"{theirs}intermediate.dense.{kind}"
+            mapping[f"{ours}feed_forward.down.{kind}"] = f"{theirs}output.dense.{kind}"
+            mapping[f"{ours}feed_forward_norm.{kind}"] = f"{theirs}output.LayerNorm.{kind}"
+            plugin_prefix = f"attention_plugins.{plugin_index}."
+            if plugin.position_key is not None:
+                mapping[f"{plugin_prefix}position_key.{i}.{kind}"] = \
+                    f"{theirs}attention.self.pos_key_proj.{kind}"
+            if plugin.position_query is not None:
+                mapping[f"{plugin_prefix}position_query.{i}.{kind}"] = \
+                    f"{theirs}attention.self.pos_query_proj.{kind}"
+    return {ours: prefix + theirs for ours, theirs in mapping.items()}
 
 
 def _bert_encoder_mapping(config: TransformerConfig, prefix: str) -> dict[str, str]:
@@ -100,21 +211,31 @@ def _copy(target: nn.Module, source_state: dict[str, torch.Tensor],
     target.load_state_dict(new_state, strict=True)
 
 
+SUPPORTED = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
+             "DebertaV2Model", "DebertaV2ForMaskedLM")
+
+
 def from_hf(hf_model: nn.Module) -> nn.Module:
-    """Convert a Hugging Face BERT model into the equivalent tutorial_lib model.
+    """Convert a Hugging Face BERT or DeBERTa-v2/v3 model into the equivalent tutorial_lib model.
 
     * ``BertModel`` -> :class:`Encoder` (the unused pooler is dropped);
     * ``BertForMaskedLM`` -> :class:`MaskedLM`;
     * ``BertForSequenceClassification`` -> :class:`SequenceClassifier` (``pooling="cls"``,
-      regression when ``num_labels == 1``).
+      regression when ``num_labels == 1``);
+    * ``DebertaV2Model`` -> :class:`Encoder` with ``relative_attention=True``;
+    * ``DebertaV2ForMaskedLM`` -> :class:`MaskedLM` (its plain head: Hugging Face has no
+      enhanced mask decoder).
 
     The returned model is in the same training/eval mode as ``hf_model``.
     """
     kind = type(hf_model).__name__
-    if kind not in ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"):
-        raise TypeError(f"from_hf supports BertModel, BertForMaskedLM and "
-                        f"BertForSequenceClassification; got {kind}")
+    if kind not in SUPPORTED:
+        raise TypeError(f"from_hf supports {', '.join(SUPPORTED)}; got {kind}")
     hf_state = hf_model.state_dict()
+    if kind.startswith("DebertaV2"):
+        model = _from_hf_deberta(hf_model, hf_state, kind)
+        model.train(hf_model.training)
+        return model
     config = config_from_hf_bert(hf_model.config)
     if kind == "BertModel":
         model: nn.Module = Encoder(config)
@@ -149,19 +270,70 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
     return model
 
 
+def _from_hf_deberta(hf_model: nn.Module, hf_state: dict[str, torch.Tensor],
+                     kind: str) -> nn.Module:
+    config = config_from_hf_deberta(hf_model.config)
+    if kind == "DebertaV2Model":
+        model: nn.Module = Encoder(config)
+        _copy(model, hf_state, _deberta_encoder_mapping(model, ""))
+        return model
+    legacy = bool(getattr(hf_model.config, "legacy", True))
+    if not legacy:
+        # lm_predictions.lm_head always multiplies by the word embeddings.
+        config = TransformerConfig.from_dict({**config.to_dict(), "tie_word_embeddings": True})
+    model = MaskedLM(config)
+    mapping = {f"encoder.{k}": v
+               for k, v in _deberta_encoder_mapping(model.encoder, "deberta.").items()}
+    if legacy:  # BERT's head layout
+        head = "cls.predictions."
+        mapping.update({
+            "transform.weight": head + "transform.dense.weight",
+            "transform.bias": head + "transform.dense.bias",
+            "transform_norm.weight": head + "transform.LayerNorm.weight",
+            "transform_norm.bias": head + "transform.LayerNorm.bias",
+            "output_bias": head + "decoder.bias",  # tied to cls.predictions.bias
+        })
+        if not config.tie_word_embeddings:
+            mapping["output_weight"] = head + "decoder.weight"
+    else:  # the released checkpoints' layout
+        head = "lm_predictions.lm_head."
+        mapping.update({
+            "transform.weight": head + "dense.weight",
+            "transform.bias": head + "dense.bias",
+            "transform_norm.weight": head + "LayerNorm.weight",
+            "transform_norm.bias": head + "LayerNorm.bias",
+            "output_bias": head + "bias",
+        })
+    _copy(model, hf_state, mapping)
+    return model
+
+
 def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
                     num_labels: int = 2, **hf_kwargs: Any) -> nn.Module:
     """Download a Hugging Face checkpoint (needs internet) and convert it with :func:`from_hf`.
 
-    ``task`` is ``"encoder"``, ``"mlm"`` or ``"classification"``. Pin a revision with
-    ``revision=...`` for reproducible runs.
+    ``task`` is ``"encoder"``, ``"mlm"`` or ``"classification"`` for BERT checkpoints,
+    ``"encoder"`` or ``"mlm"`` for DeBERTa-v2/v3 ones (``microsoft/deberta-v3-base``).
+    Pin a revision with ``revision=...`` for reproducible runs.
     """
     import transformers
 
-    classes = {"encoder": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
-               "classification": transformers.BertForSequenceClassification}
+    download = {k: v for k, v in hf_kwargs.items()
+                if k in ("revision", "cache_dir", "token", "local_files_only")}
+    model_type = transformers.AutoConfig.from_pretrained(name, **download).model_type
+    if model_type == "deberta-v2":
+        classes = {"encoder": transformers.DebertaV2Model,
+                   "mlm": transformers.DebertaV2ForMaskedLM}
+        if task == "mlm":
+            # The released checkpoints name the head lm_predictions.lm_head (legacy=False);
+            # with the default legacy=True Hugging Face would initialise it at random.
+            hf_kwargs.setdefault("legacy", False)
+    else:
+        classes = {"encoder": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
+                   "classification": transformers.BertForSequenceClassification}
     if task not in classes:
-        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+        raise ValueError(f"task must be one of {sorted(classes)} for a {model_type} "
+                         f"checkpoint, got {task!r}")
     if task == "classification":
         hf_kwargs["num_labels"] = num_labels
     hf_model = classes[task].from_pretrained(name, **hf_kwargs)

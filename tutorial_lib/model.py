@@ -13,8 +13,12 @@ One stack serves both: :class:`Encoder` with ``config.causal=False`` is BERT
 Attention modifications are plugins (:mod:`tutorial_lib.attention`): those the
 config asks for (RoPE and its variants, ALiBi, windows, log-n scaling) are built in
 ``Encoder.position_plugins`` and can be changed on a trained model with
-:func:`set_position_options`; those a chapter adds live in ``Encoder.attention_plugins``. Heads (masked LM, sequence classification or
-regression, causal LM) sit on top of an encoder and return a :class:`ModelOutput`.
+:func:`set_position_options`; those a chapter adds live in
+``Encoder.attention_plugins``. ``config.relative_attention`` makes the stack a
+DeBERTa encoder (:mod:`tutorial_lib.deberta`: the disentangled-attention plugin
+and the relative table ``Encoder.relative_embeddings``). Heads (masked LM,
+sequence classification or regression, causal LM) sit on top of an encoder and
+return a :class:`ModelOutput`.
 The parameter layout follows Hugging Face BERT closely enough that
 :func:`tutorial_lib.interop.from_hf` maps it one tensor to one tensor.
 """
@@ -22,7 +26,7 @@ The parameter layout follows Hugging Face BERT closely enough that
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,7 @@ from torch import nn
 from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
 from .config import TransformerConfig
 from .extrapolation import ALiBi, LogNScaling, ReRotaryEmbedding, ntk_scaled_base
+from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 IGNORE_INDEX = -100
@@ -133,6 +138,16 @@ class TransformerBlock(nn.Module):
         return h, weights
 
 
+@dataclass
+class EncoderState:
+    """What :meth:`Encoder.encode` returns: enough to run the last layer again (EMD)."""
+
+    hidden_states: torch.Tensor  # (batch, seq, hidden), the encoder's final output
+    last_layer_input: torch.Tensor  # (batch, seq, hidden), H_{L-1}
+    ctx: AttentionContext
+    attentions: list[torch.Tensor] = field(default_factory=list)
+
+
 class Encoder(nn.Module):
     """The Transformer stack: ``forward(input_ids, attention_mask)`` -> (batch, seq, hidden).
 
@@ -148,6 +163,14 @@ class Encoder(nn.Module):
                            if config.norm_position == "pre" else None)
         self.position_plugins = nn.ModuleList(position_plugins(config))
         self.attention_plugins = nn.ModuleList()
+        # DeBERTa: the relative table lives here, shared by every layer (as in Hugging
+        # Face); the plugin holds what is per layer.
+        self.relative_embeddings = None
+        if config.relative_attention:
+            self.relative_embeddings = RelativePositionTable(
+                config.relative_span, config.hidden_size, config.norm_rel_ebd,
+                config.layer_norm_eps)
+            self.attention_plugins.append(DisentangledAttention.from_config(config))
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def add_attention_plugin(self, plugin: AttentionPlugin) -> AttentionPlugin:
@@ -166,6 +189,18 @@ class Encoder(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Final hidden states (batch, seq, hidden); with ``output_attentions`` also the
         per-layer attention weights (batch, heads, query, key)."""
+        state = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                            inputs_embeds, output_attentions)
+        return (state.hidden_states, state.attentions) if output_attentions \
+            else state.hidden_states
+
+    def encode(self, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None,
+               output_attentions: bool = False) -> EncoderState:
+        """Like :meth:`forward`, also returning the last layer's input and the context."""
         batch, length, device = self._check_inputs(input_ids, attention_mask, token_type_ids,
                                                    position_ids, inputs_embeds)
         if position_ids is None:
@@ -176,17 +211,21 @@ class Encoder(nn.Module):
             key_padding = None  # nothing to mask: keep the fused kernel's fastest path
         ctx = AttentionContext(query_positions=position_ids, key_positions=position_ids,
                                key_padding_mask=key_padding, causal=self.config.causal)
+        if self.relative_embeddings is not None:
+            ctx.relative_embeddings = self.relative_embeddings()  # once for all layers
         h = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         plugins = tuple(self.position_plugins) + tuple(self.attention_plugins)
         attentions = []
+        last_layer_input = h
         for layer in self.layers:
             ctx.layer_index = layer.layer_index
+            last_layer_input = h
             h, weights = layer(h, ctx, plugins, need_weights=output_attentions)
             if output_attentions:
                 attentions.append(weights)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return (h, attentions) if output_attentions else h
+        return EncoderState(h, last_layer_input, ctx, attentions)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids,
                       inputs_embeds):
@@ -358,35 +397,57 @@ class MaskedLM(_LanguageModelBase):
     order of ``labels != -100``. Only about 15% of positions carry a label, and the
     vocabulary projection is a large part of a small model's step, so this speeds up
     pre-training without changing the loss. Without labels the logits are dense.
+
+    With ``enhanced_mask_decoder=True`` (DeBERTa's EMD,
+    :class:`~tutorial_lib.deberta.EnhancedMaskDecoder`; needs
+    ``position_embedding="none"``) the head reads the EMD's query stream: absolute
+    positions plus the last layer's input, passed twice through the last layer. ``hidden_states`` stays the encoder's output, the
+    representation fine-tuning uses; the EMD is for pre-training only.
     """
 
-    def __init__(self, config: TransformerConfig, sparse_prediction: bool = False):
+    def __init__(self, config: TransformerConfig, sparse_prediction: bool = False,
+                 enhanced_mask_decoder: bool = False):
         super().__init__(config)
         self.sparse_prediction = sparse_prediction
         self.transform = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation]
         init_weights(self.transform, config.initializer_range)
+        self.enhanced_mask_decoder = (EnhancedMaskDecoder(config) if enhanced_mask_decoder
+                                      else None)
+        if self.enhanced_mask_decoder is not None:
+            init_weights(self.enhanced_mask_decoder.position_embeddings,
+                         config.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
                 output_attentions=False) -> ModelOutput:
-        h, attentions = _run_encoder(self.encoder, input_ids, attention_mask, token_type_ids,
-                                     position_ids, inputs_embeds, output_attentions)
+        state = self.encoder.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                    inputs_embeds, output_attentions)
+        h = state.hidden_states
+        attentions = state.attentions if output_attentions else None
+        head_input = h if self.enhanced_mask_decoder is None else self.decode(state)
         if labels is not None:
             _check_labels(labels, h.shape[:2], "token")
         loss = None
         if labels is not None and self.sparse_prediction:
             targets = labels != IGNORE_INDEX
-            logits = self.predict(h[targets])  # (n_masked, vocab)
+            logits = self.predict(head_input[targets])  # (n_masked, vocab)
             loss = F.cross_entropy(logits.float(), labels[targets])
         else:
-            logits = self.predict(h)  # (batch, seq, vocab)
+            logits = self.predict(head_input)  # (batch, seq, vocab)
             if labels is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                        ignore_index=IGNORE_INDEX)
         return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions)
 
+
+    def decode(self, state: EncoderState) -> torch.Tensor:
+        """The enhanced mask decoder's output (batch, seq, hidden) for an encoder state."""
+        plugins = tuple(self.encoder.attention_plugins)
+        h = self.enhanced_mask_decoder(self.encoder.layers[-1], state.last_layer_input,
+                                       state.ctx, plugins)
+        return h if self.encoder.final_norm is None else self.encoder.final_norm(h)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         """The head: (..., hidden) -> (..., vocab) logits."""
@@ -484,7 +545,8 @@ TASKS = {"mlm": MaskedLM, "causal-lm": CausalLM, "classification": SequenceClass
 
 
 def build_model(task: str, config: TransformerConfig, **kwargs) -> nn.Module:
-    """``task`` in ``TASKS``; ``kwargs`` go to the head (e.g. ``num_labels``, ``pooling``)."""
+    """``task`` in ``TASKS``; ``kwargs`` go to the head (e.g. ``num_labels``, ``pooling``,
+    ``enhanced_mask_decoder=True`` for DeBERTa's masked LM)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     if not isinstance(config, TransformerConfig):
