@@ -285,3 +285,16 @@ def test_one_pgd_step_of_size_epsilon_is_fgm(norm):
     pgd = parameter_gradients(model, pgd_loss)
     assert abs(fgm_loss.item() - pgd_loss.item()) < 1e-6
     assert_same_gradients(fgm, pgd, atol=1e-6)
+
+
+def test_divergences_upcast_half_precision_and_keep_float64():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    b = a + 1e-6 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    exact = adv.kl_divergence(a, b)
+    assert exact.dtype == torch.float64
+    # second order: KL(p || p + dp) = 1/2 sum dp^2 / p
+    p, q = a.softmax(-1), b.softmax(-1)
+    assert torch.allclose(exact, (0.5 * (q - p) ** 2 / p).sum(-1).mean(), rtol=1e-4)
+    assert adv.kl_divergence(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+    assert adv.symmetric_kl(a, b).dtype == torch.float64

@@ -135,9 +135,14 @@ def code_normalise(delta: torch.Tensor, gamma: float) -> torch.Tensor:
 # -- divergences ---------------------------------------------------------------------------
 
 def kl_divergence(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(target) ‖ softmax(logits)), summed over classes, mean over rows."""
-    target_log_p = target_logits.float().log_softmax(-1)
-    log_p = logits.float().log_softmax(-1)
+    """KL(softmax(target) ‖ softmax(logits)), summed over classes, mean over rows.
+
+    Computed in float32 at least (float64 inputs stay float64)."""
+    # At least float32 (bf16/fp16 logits are upcast); float64 stays float64, so that
+    # the tiny divergences of small perturbations can be checked exactly.
+    dtype = torch.promote_types(torch.promote_types(target_logits.dtype, logits.dtype), torch.float32)
+    target_log_p = target_logits.to(dtype).log_softmax(-1)
+    log_p = logits.to(dtype).log_softmax(-1)
     rows = target_log_p.numel() // target_log_p.shape[-1]
     return (target_log_p.exp() * (target_log_p - log_p)).sum() / rows
 
