@@ -36,6 +36,27 @@ _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh":
                    "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
+def _shared_fields(hf_config: Any) -> dict[str, Any]:
+    """The fields BERT and DeBERTa configs name alike (the activation is checked by the caller)."""
+    return dict(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size,
+        norm_position="post",
+        activation=_HF_ACTIVATIONS[hf_config.hidden_act],
+        hidden_dropout=hf_config.hidden_dropout_prob,
+        attention_dropout=hf_config.attention_probs_dropout_prob,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        initializer_range=hf_config.initializer_range,
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+    )
+
+
 def config_from_hf_bert(hf_config: Any) -> TransformerConfig:
     """Translate a ``BertConfig`` into a :class:`TransformerConfig` (post-LN, learned positions)."""
     position_type = getattr(hf_config, "position_embedding_type", "absolute") or "absolute"
@@ -48,24 +69,7 @@ def config_from_hf_bert(hf_config: Any) -> TransformerConfig:
     if activation not in _HF_ACTIVATIONS:
         raise ValueError(f"hidden_act {activation!r} is not supported; "
                          f"supported: {sorted(_HF_ACTIVATIONS)}")
-    return TransformerConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        position_embedding="learned",
-        type_vocab_size=hf_config.type_vocab_size,
-        norm_position="post",
-        activation=_HF_ACTIVATIONS[activation],
-        hidden_dropout=hf_config.hidden_dropout_prob,
-        attention_dropout=hf_config.attention_probs_dropout_prob,
-        layer_norm_eps=hf_config.layer_norm_eps,
-        initializer_range=hf_config.initializer_range,
-        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-    )
+    return TransformerConfig(**_shared_fields(hf_config), position_embedding="learned")
 
 
 def config_from_hf_deberta(hf_config: Any) -> TransformerConfig:
@@ -98,23 +102,9 @@ def config_from_hf_deberta(hf_config: Any) -> TransformerConfig:
     max_relative = getattr(hf_config, "max_relative_positions", -1)
     buckets = getattr(hf_config, "position_buckets", -1)
     return TransformerConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size,
-        max_position_embeddings=hf_config.max_position_embeddings,
+        **_shared_fields(hf_config),
         position_embedding="learned" if getattr(hf_config, "position_biased_input", True)
         else "none",
-        type_vocab_size=hf_config.type_vocab_size,
-        norm_position="post",
-        activation=_HF_ACTIVATIONS[activation],
-        hidden_dropout=hf_config.hidden_dropout_prob,
-        attention_dropout=hf_config.attention_probs_dropout_prob,
-        layer_norm_eps=hf_config.layer_norm_eps,
-        initializer_range=hf_config.initializer_range,
-        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
         relative_attention=True,
         pos_att_type=tuple(hf_config.pos_att_type or ()),
         position_buckets=buckets if buckets > 0 else 0,
