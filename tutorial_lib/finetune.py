@@ -68,7 +68,7 @@ class SST2Recipe:
     warmup_steps: int = 12
     weight_decay: float = 0.01
     pooling: str = "mean"
-    attack_examples: int | None = 256
+    attack_examples: int | None = 128
     data_seed: int = 0
 
     def __post_init__(self):
@@ -202,7 +202,7 @@ class Study:
     name: str
     methods: tuple[tuple[str, Any], ...]
     seeds: tuple[int, ...] = (0, 1, 2)
-    epsilons: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)
+    epsilons: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
     attack_steps: int = 3
     recipe: SST2Recipe = field(default_factory=SST2Recipe)
     baseline: str | BaselineRecipe = "cpu"
