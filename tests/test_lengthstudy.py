@@ -162,3 +162,14 @@ def test_plot_draws_the_chosen_methods_and_lengths(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="max_length"):
         ls.plot_length_curves(result, ["RoPE"], ax, max_length=4)
     plt.close(figure)
+
+
+def test_training_takes_a_device_and_evaluation_follows_the_model():
+    chars = ls.shakespeare_chars(TEXT)
+    model = ls.train_causal(TINY, chars, "alibi", seed=0, device="cpu")
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    loss, accuracy = ls.causal_scores(model, ls.test_windows(chars.test_ids, 8, 2), None)
+    assert loss > 0 and 0 <= accuracy <= 1
+    masked = ls.train_masked(TINY, chars, seed=0, device="cpu")
+    assert 0 <= ls.masked_accuracy(masked, TINY, chars, 16, logn=True) <= 1
+    assert masked.config.logn_training_length is None  # restored after evaluation

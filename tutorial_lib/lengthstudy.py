@@ -258,27 +258,30 @@ def model_config(recipe: LengthRecipe, kind: str, vocab_size: int,
         layer_norm_eps=1e-5, **TRAINED[kind])
 
 
-def train_causal(recipe: LengthRecipe, chars: CharData, kind: str, seed: int) -> CausalLM:
-    """Train one causal LM of the study (``kind`` in ``TRAINED``)."""
+def train_causal(recipe: LengthRecipe, chars: CharData, kind: str, seed: int,
+                 device: str = "cpu") -> CausalLM:
+    """Train one causal LM of the study (``kind`` in ``TRAINED``) on ``device``
+    (``"auto"``: a GPU when there is one); the model stays there."""
     seed_everything(seed)
     model = CausalLM(model_config(recipe, kind, chars.vocab_size))
     collate = CausalWindows(chars.train_ids, recipe.train_length, recipe.repeat_fraction,
                             recipe.position_range if kind == "rope-random" else None)
-    _fit(model, recipe, chars, collate, recipe.steps, seed, count_shifted_targets)
+    _fit(model, recipe, chars, collate, recipe.steps, seed, device, count_shifted_targets)
     return model
 
 
-def train_masked(recipe: LengthRecipe, chars: CharData, seed: int) -> MaskedLM:
+def train_masked(recipe: LengthRecipe, chars: CharData, seed: int,
+                 device: str = "cpu") -> MaskedLM:
     """Train the bidirectional RoPE masked LM of the log-n experiment."""
     seed_everything(seed)
     model = MaskedLM(model_config(recipe, "rope", chars.vocab_size, causal=False))
     collate = MaskedWindows(chars.train_ids, recipe.train_length, chars.mask_id,
                             chars.vocab_size, recipe.mask_probability)
-    _fit(model, recipe, chars, collate, recipe.mlm_steps, seed)
+    _fit(model, recipe, chars, collate, recipe.mlm_steps, seed, device)
     return model
 
 
-def _fit(model, recipe, chars, collate, steps, seed, target_counter=None):
+def _fit(model, recipe, chars, collate, steps, seed, device, target_counter=None):
     generator = torch.Generator().manual_seed(recipe.data_seed * 1000 + seed)
     last_start = len(chars.train_ids) - recipe.train_length
     starts = torch.randint(0, last_start, (steps * recipe.batch_size,),
@@ -286,7 +289,7 @@ def _fit(model, recipe, chars, collate, steps, seed, target_counter=None):
     extra = {} if target_counter is None else {"target_counter": target_counter}
     loader = BatchLoader(starts, recipe.batch_size, collate, seed=seed, **extra)
     train(model, loader, steps=steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-          schedule="cosine", weight_decay=0.01, seed=seed, device="cpu", progress=False,
+          schedule="cosine", weight_decay=0.01, seed=seed, device=device, progress=False,
           log_every=max(1, steps // 10))
     model.eval()
 
@@ -336,6 +339,9 @@ def variants(recipe: LengthRecipe) -> dict[str, Variant]:
 def causal_scores(model: CausalLM, windows: torch.Tensor, position_ids: torch.Tensor | None,
                   from_index: int = 0, batch_size: int = 16) -> tuple[float, float]:
     """Mean next-character loss and accuracy over targets ``from_index+1 ... n-1``."""
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    position_ids = None if position_ids is None else position_ids.to(device)
     total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start: start + batch_size]
@@ -388,6 +394,8 @@ def masked_accuracy(model: MaskedLM, recipe: LengthRecipe, chars: CharData, leng
         generator = torch.Generator().manual_seed(seed)
         batch = mask_characters(windows, chars.mask_id, chars.vocab_size,
                                 recipe.mask_probability, generator)
+        device = next(model.parameters()).device
+        batch = {key: value.to(device) for key, value in batch.items()}
         correct, total = 0, 0
         for start in range(0, count, 16):
             inputs = batch["input_ids"][start: start + 16]
