@@ -1,0 +1,38 @@
+"""The book's notebooks carry no control characters in their Markdown and code.
+
+A string written with a single backslash in Python turns ``\\times`` into a tab
+followed by ``imes`` and ``\\beta`` into a backspace: MathJax then shows broken
+mathematics without any error. Tabs have no place in the book's text either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted([*REPO_ROOT.glob("chapters/*.ipynb"), *REPO_ROOT.glob("labs/*.ipynb")])
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\t")
+
+
+def control_characters(text: str) -> list[str]:
+    """Each control character in ``text`` with a little context, as repr strings."""
+    return [repr(text[max(0, m.start() - 15):m.end() + 10]) for m in CONTROL.finditer(text)]
+
+
+def test_the_check_finds_a_swallowed_backslash():
+    assert control_characters("$n\times n$")  # a tab: what "\times" becomes
+    assert control_characters("$\beta$")  # a backspace
+    assert not control_characters("$n\\times n$\nnext line")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda path: path.name)
+def test_no_control_characters_in_cells(notebook):
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    found = [f"cell {index} ({cell['cell_type']}): {snippet}"
+             for index, cell in enumerate(cells)
+             for snippet in control_characters("".join(cell["source"]))]
+    assert not found, f"{notebook.name} has control characters:\n" + "\n".join(found)
