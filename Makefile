@@ -45,6 +45,7 @@ unit: setup
 baseline: setup
 	$(BIN)/python -m tutorial_lib.pretrained cpu
 	$(BIN)/python -m tutorial_lib.finetune
+	$(BIN)/python -m tutorial_lib.position_study
 
 notebooks-check: setup
 	@if ls chapters/*.ipynb labs/*.ipynb >/dev/null 2>&1; then \
