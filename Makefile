@@ -45,6 +45,7 @@ unit: setup
 baseline: setup
 	$(BIN)/python -m tutorial_lib.pretrained cpu
 	$(BIN)/python -m tutorial_lib.finetune
+	$(BIN)/python -m tutorial_lib.position_study
 	$(BIN)/python -m tutorial_lib.lengthstudy
 
 notebooks-check: setup

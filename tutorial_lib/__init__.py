@@ -27,7 +27,8 @@ from .extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding, alibi_slopes,
                             ntk_scaled_base, random_positions)
 from .model import (CausalLM, Encoder, MaskedLM, ModelOutput, SequenceClassifier,
                     build_model, set_position_options)
-from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
+from .deberta import (DisentangledAttention, EnhancedMaskDecoder, RelativePositionBias,
+                      RelativePositionTable)
 from .model import (CausalLM, Encoder, EncoderState, MaskedLM, ModelOutput,
                     SequenceClassifier, build_model)
 from .positions import RotaryEmbedding, sinusoidal_embedding
@@ -41,5 +42,5 @@ __all__ = [
     "set_position_options", "ALiBi", "LogNScaling", "ReRotaryEmbedding", "alibi_slopes",
     "equal_mean_random_positions", "evenly_spaced_positions", "ntk_scaled_base",
     "random_positions",
-    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionTable", "EncoderState",
+    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionBias", "RelativePositionTable", "EncoderState",
 ]

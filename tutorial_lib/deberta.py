@@ -182,6 +182,20 @@ class DisentangledAttention(AttentionPlugin):
     def score_bias(self, attn, q, k, ctx: AttentionContext):
         if not self.num_terms:
             return None
+        c2p, p2c = self.score_terms(attn, q, k, ctx)
+        if c2p is None:
+            return p2c
+        # In place: gather keeps no output for its backward, and a (batch, heads,
+        # query, key) tensor less is a large part of this layer's peak memory.
+        return c2p if p2c is None else c2p.add_(p2c)
+
+    def score_terms(self, attn, q, k, ctx: AttentionContext):
+        r"""``(c2p, p2c)``, each (batch, heads, query, key) and already divided by
+        :math:`\sqrt{(1+n)d}`, or None for a term not in ``pos_att_type``.
+
+        ``q`` and ``k`` are the layer's content queries and keys (batch, heads, len,
+        head_dim); the chapter reads the terms one by one to draw them.
+        """
         table = ctx.relative_embeddings
         if table is None or table.shape[0] != 2 * self.span:
             raise ValueError(f"DisentangledAttention needs ctx.relative_embeddings of "
@@ -193,22 +207,19 @@ class DisentangledAttention(AttentionPlugin):
         table_scale = 1.0 / math.sqrt(self.head_dim * (1 + self.num_terms))
         batch, heads, query_len, _ = q.shape
         key_len = k.shape[-2]
-        bias = None
+        c2p = p2c = None
         if self.c2p:
             keys = attn.key if self.share_att_key else self.position_key[ctx.layer_index]
             position_keys = self._heads(keys(table)) * table_scale  # (heads, rows, head_dim)
             c2p = torch.matmul(q, position_keys.transpose(-1, -2))  # (batch, heads, query, rows)
-            bias = c2p.gather(-1, c2p_index[:, None].expand(batch, heads, query_len, key_len))
+            c2p = c2p.gather(-1, c2p_index[:, None].expand(batch, heads, query_len, key_len))
         if self.p2c:
             queries = attn.query if self.share_att_key else self.position_query[ctx.layer_index]
             position_queries = self._heads(queries(table)) * table_scale
             p2c = torch.matmul(k, position_queries.transpose(-1, -2))  # (batch, heads, key, rows)
             p2c = p2c.gather(-1, p2c_index[:, None].expand(batch, heads, key_len, query_len))
             p2c = p2c.transpose(-1, -2)  # (batch, heads, query, key)
-            # In place: gather keeps no output for its backward, and a (batch, heads,
-            # query, key) tensor less is a large part of this layer's peak memory.
-            bias = p2c if bias is None else bias.add_(p2c)
-        return bias
+        return c2p, p2c
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         rows = projected.shape[0]
@@ -298,3 +309,87 @@ class EnhancedMaskDecoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"passes={self.passes}"
+
+
+class RelativePositionBias(AttentionPlugin):
+    r"""A learned scalar per head and relative distance, added to the scores.
+
+    The "relative bias" family (Shaw et al., 2018, in its scalar form; Raffel et al.,
+    2020, T5): :math:`B_{hij} = b_h[\delta(i, j)]` with the same index
+    :math:`\delta` as DeBERTa (:func:`relative_position_index`, optional log buckets),
+    so the two can be compared on one footing. Unlike DeBERTa's c2p/p2c terms the
+    bias does not depend on the content of query or key. Initialised at zero: the
+    model starts with no position information at all.
+    """
+
+    def __init__(self, num_heads: int, span: int, position_buckets: int = 0,
+                 max_relative_positions: int = 0):
+        super().__init__()
+        for name, value, minimum in (("num_heads", num_heads, 1), ("span", span, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if position_buckets and max_relative_positions - 1 <= position_buckets // 2:
+            raise ValueError(f"max_relative_positions ({max_relative_positions}) must exceed "
+                             f"position_buckets // 2 + 1 ({position_buckets // 2 + 1})")
+        self.span = span
+        self.position_buckets = position_buckets
+        self.max_relative_positions = max_relative_positions
+        self.bias = nn.Parameter(torch.zeros(num_heads, 2 * span))  # (heads, 2k)
+
+    def score_bias(self, attn, q, k, ctx: AttentionContext) -> torch.Tensor:
+        if attn.num_heads != self.bias.shape[0]:
+            raise ValueError(f"RelativePositionBias was built for num_heads="
+                             f"{self.bias.shape[0]} but the attention has {attn.num_heads}")
+        cache_key = ("relative_position_bias", id(self))
+        if cache_key not in ctx.cache:
+            ctx.cache[cache_key] = relative_position_index(
+                ctx.query_positions.long(), ctx.key_positions.long(), self.span,
+                self.position_buckets, self.max_relative_positions)  # (batch or 1, q, k)
+        index = ctx.cache[cache_key]
+        return self.bias[:, index].transpose(0, 1)  # (batch or 1, heads, query, key)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.bias.shape[0]}, span={self.span}, "
+                f"position_buckets={self.position_buckets}")
+
+
+def attention_score_terms(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    r"""The three scores of one layer of a DeBERTa encoder, each (batch, heads, query, key).
+
+    ``{"c2c": ..., "c2p": ..., "p2c": ...}``, all divided by :math:`\sqrt{(1+n)d}`, so
+    their sum (masked, softmaxed) is the layer's attention. ``model`` is an
+    :class:`~tutorial_lib.model.Encoder` or holds one as ``model.encoder``; it runs in
+    its current mode, without gradients.
+    """
+    encoder = getattr(model, "encoder", model)
+    plugins = [p for p in encoder.attention_plugins if isinstance(p, DisentangledAttention)]
+    if not plugins:
+        raise ValueError("model has no DisentangledAttention (relative_attention=False?)")
+    if not isinstance(layer, int) or not 0 <= layer < len(encoder.layers):
+        raise ValueError(f"layer must be an integer in [0, {len(encoder.layers)}), got {layer!r}")
+    plugin = plugins[0]
+    attention = encoder.layers[layer].attention
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("hidden", args[0])
+        captured.setdefault("ctx", args[1])
+
+    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            encoder.encode(input_ids, attention_mask)
+    finally:
+        handle.remove()
+    ctx = captured["ctx"]
+    ctx.layer_index, ctx.cache = layer, {}
+    with torch.no_grad():
+        q = attention.split_heads(attention.query(captured["hidden"]))
+        k = attention.split_heads(attention.key(captured["hidden"]))
+        c2c = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) \
+            / math.sqrt(1 + plugin.num_terms)
+        c2p, p2c = plugin.score_terms(attention, q, k, ctx)
+    zeros = torch.zeros_like(c2c)
+    return {"c2c": c2c, "c2p": zeros if c2p is None else c2p,
+            "p2c": zeros if p2c is None else p2c}

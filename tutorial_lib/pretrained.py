@@ -142,7 +142,6 @@ def _build(recipe: BaselineRecipe, out: Path, progress: bool) -> None:
     started = time.perf_counter()
     out.mkdir(parents=True)
     train_lines = data.load_wikitext2(recipe.train_split)
-    eval_lines = data.load_wikitext2(recipe.eval_split)
     tokenizer = train_wordpiece(train_lines, vocab_size=recipe.vocab_size)
     tokenizer.save(out / "tokenizer.json")
 
@@ -151,6 +150,23 @@ def _build(recipe: BaselineRecipe, out: Path, progress: bool) -> None:
                                  pad_token_id=tokenizer.pad_id)
     seed_everything(recipe.seed)
     model = MaskedLM(config, sparse_prediction=True)
+    sizes = pretrain_mlm(recipe, model, tokenizer, out, progress)
+    (out / "config.json").write_text(config.to_json())
+    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    (out / _COMPLETE).write_text(json.dumps({
+        **sizes, "build_seconds": round(time.perf_counter() - started, 1)}))
+
+
+def pretrain_mlm(recipe: BaselineRecipe, model: torch.nn.Module, tokenizer: TextTokenizer,
+                 out: Path, progress: bool = False) -> dict[str, int]:
+    """Pre-train ``model`` with ``recipe``'s data, schedule and evaluation.
+
+    Writes ``model.safetensors`` and ``metrics.jsonl`` into ``out``; returns the number
+    of training and evaluation sequences. Chapter 3's position study trains its
+    variants through this function, so they differ from the baseline only in the model.
+    """
+    train_lines = data.load_wikitext2(recipe.train_split)
+    eval_lines = data.load_wikitext2(recipe.eval_split)
     collator = MLMCollator.from_tokenizer(tokenizer)
     train_examples = mlm_examples(train_lines, tokenizer, recipe.max_length)
     eval_examples = mlm_examples(eval_lines, tokenizer, recipe.max_length)[:recipe.eval_sequences]
@@ -162,15 +178,11 @@ def _build(recipe: BaselineRecipe, out: Path, progress: bool) -> None:
                                eval_every=max(recipe.steps // 5, 1), progress=progress)
     train(model, loader, train_config, out_dir=out / "run",
           eval_fn=lambda m: masked_lm_metrics(m, eval_batches))
-    # The run folder's final weights and history become the cache entry's.
+    # The run folder's final weights and history become the caller's.
     os.replace(out / "run" / "model.safetensors", out / "model.safetensors")
     os.replace(out / "run" / "metrics.jsonl", out / "metrics.jsonl")
     shutil.rmtree(out / "run")
-    (out / "config.json").write_text(config.to_json())
-    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
-    (out / _COMPLETE).write_text(json.dumps({
-        "train_sequences": len(train_examples), "eval_sequences": len(eval_examples),
-        "build_seconds": round(time.perf_counter() - started, 1)}))
+    return {"train_sequences": len(train_examples), "eval_sequences": len(eval_examples)}
 
 
 def _load(entry: Path, recipe: BaselineRecipe, trained_now: bool) -> Baseline:

@@ -1,0 +1,213 @@
+"""Chapter 3's pre-training study: four ways to tell a BERT where its tokens are.
+
+Every variant is chapter 0's CPU baseline model (4 layers, hidden 256) trained by
+the baseline's own recipe (:data:`tutorial_lib.pretrained.RECIPES` ``"cpu"``: 200
+updates of 32 sequences of 64 tokens from WikiText-2's ``valid.txt``, masked-LM loss
+and accuracy on 256 sequences of ``test.txt``; the offline copy of the data set has
+no ``train.txt``), with the baseline's tokenizer, data order and seed. Only the way
+positions enter differs:
+
+* ``"absolute"``: learned absolute position embeddings added to the input (BERT).
+  This *is* the cached baseline; it is not trained again.
+* ``"relative bias"``: no input positions; a learned scalar per head and relative
+  distance added to the scores (:class:`~tutorial_lib.deberta.RelativePositionBias`).
+* ``"disentangled"``: no input positions; DeBERTa-v3's disentangled attention (c2p
+  and p2c, shared keys, normalised relative table).
+* ``"disentangled + EMD"``: the same, pre-trained through the enhanced mask decoder.
+
+Both relative schemes use the same relative index: log buckets (``POSITION_BUCKETS``
+over ``MAX_RELATIVE``), so distances up to 16 are exact and longer ones share rows.
+
+``python -m tutorial_lib.position_study`` runs the three new variants (in three worker
+processes of one thread each: on two cores they finish together, sooner than two
+workers followed by one) and caches their metrics and weights next to the
+baseline, like :mod:`tutorial_lib.finetune`; each finished variant is kept, so an
+interrupted study resumes. :func:`position_study` returns the cached result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import load_weights
+from .config import TransformerConfig
+from .deberta import RelativePositionBias
+from .model import MaskedLM
+from .pretrained import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
+                         pretrain_mlm)
+from .training import seed_everything
+
+VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
+POSITION_BUCKETS = 32
+MAX_RELATIVE = 64
+
+
+def variant_config(variant: str, base: TransformerConfig) -> TransformerConfig:
+    """The model config of ``variant``, from the baseline's ``base`` config."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "absolute":
+        return base
+    if variant == "relative bias":
+        return dataclasses.replace(base, position_embedding="none")
+    return dataclasses.replace(base, position_embedding="none", relative_attention=True,
+                               pos_att_type=("c2p", "p2c"), position_buckets=POSITION_BUCKETS,
+                               max_relative_positions=MAX_RELATIVE, share_att_key=True,
+                               norm_rel_ebd="layer_norm")
+
+
+def build_variant(variant: str, base: TransformerConfig) -> MaskedLM:
+    """A fresh (randomly initialised) masked LM of ``variant``."""
+    config = variant_config(variant, base)
+    model = MaskedLM(config, sparse_prediction=True,
+                     enhanced_mask_decoder=variant == "disentangled + EMD")
+    if variant == "relative bias":
+        model.encoder.add_attention_plugin(RelativePositionBias(
+            config.num_heads, POSITION_BUCKETS, POSITION_BUCKETS, MAX_RELATIVE))
+    return model
+
+
+@dataclass
+class PositionStudy:
+    """Histories (the training loop's rows) and trained models of every variant."""
+
+    histories: dict[str, list[dict[str, Any]]]
+    path: Path
+    recipe: BaselineRecipe
+    built_now: bool
+    baseline: Baseline
+
+    def series(self, variant: str, key: str, event: str = "eval") -> tuple[list[int], list[float]]:
+        rows = [r for r in self.histories[variant] if r.get("event") == event and key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    def final(self, variant: str) -> dict[str, float]:
+        return [r for r in self.histories[variant] if r.get("event") == "eval"][-1]
+
+    def model(self, variant: str) -> MaskedLM:
+        """The trained model of ``variant`` (eval mode)."""
+        if variant == "absolute":
+            return self.baseline.model
+        model = build_variant(variant, self.baseline.model.config)
+        load_weights(self.path / _folder(variant) / "model.safetensors", model)
+        return model.eval()
+
+
+def _folder(variant: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in variant)
+
+
+def _study_key(recipe: BaselineRecipe, baseline_key: str) -> str:
+    payload = json.dumps({"recipe": dataclasses.asdict(recipe), "baseline": baseline_key,
+                          "variants": VARIANTS, "buckets": POSITION_BUCKETS,
+                          "max_relative": MAX_RELATIVE, "tutorial_lib": __version__},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def position_study(recipe: str | BaselineRecipe = "cpu", *,
+                   cache_dir: str | Path | None = None, rebuild: bool = False, workers: int = 3,
+                   log=None) -> PositionStudy:
+    """Run (or load from the cache) the study for the baseline ``recipe`` (a name of
+    :data:`~tutorial_lib.pretrained.RECIPES` or a recipe)."""
+    if isinstance(recipe, str) and recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a BaselineRecipe, "
+                         f"got {recipe!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    baseline = baseline_mlm(recipe, cache_dir=cache_dir)
+    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
+    entry = root / f"study-positions-{baseline.recipe.name}-{_study_key(baseline.recipe, baseline.path.name)}"
+    built_now = False
+    if rebuild and entry.exists():
+        shutil.rmtree(entry)
+    if not (entry / "COMPLETE").exists():
+        staging = root / f".staging-{entry.name}"  # fixed name: a rerun resumes
+        staging.mkdir(parents=True, exist_ok=True)
+        todo = [v for v in VARIANTS[1:] if not (staging / _folder(v) / "DONE").exists()]
+        log = log or (lambda message: None)
+        if workers == 1 or len(todo) <= 1:
+            for variant in todo:
+                log(_train_variant(recipe, cache_dir, variant, staging))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+                futures = [pool.submit(_train_variant, recipe, cache_dir, v, staging)
+                           for v in todo]
+                for future in futures:
+                    log(future.result())
+        (staging / "COMPLETE").write_text(json.dumps({"variants": list(VARIANTS)}))
+        os.replace(staging, entry)
+        built_now = True
+    histories = {"absolute": baseline.history}
+    for variant in VARIANTS[1:]:
+        lines = (entry / _folder(variant) / "metrics.jsonl").read_text().splitlines()
+        histories[variant] = [json.loads(line) for line in lines if line.strip()]
+    return PositionStudy(histories, entry, baseline.recipe, built_now, baseline)
+
+
+def _train_variant(recipe: str | BaselineRecipe, cache_dir, variant: str, staging: Path) -> str:
+    """Train one variant with one CPU thread (the same arithmetic in any worker layout)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        baseline = baseline_mlm(recipe, cache_dir=cache_dir)
+        out = staging / _folder(variant)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        started = time.perf_counter()
+        seed_everything(baseline.recipe.seed)
+        model = build_variant(variant, baseline.model.config)
+        pretrain_mlm(baseline.recipe, model, baseline.tokenizer, out)
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    (out / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}))
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in line][-1]
+    return (f"{variant:20s}: test MLM loss {last['mlm_loss']:.3f}, accuracy "
+            f"{last['mlm_accuracy']:.3f} ({seconds:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tutorial_lib.position_study [cpu]``: build (or find) the cached study."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.position_study",
+                                     description="Chapter 3's position study, cached.")
+    parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES))
+    parser.add_argument("--rebuild", action="store_true", help="train again even if cached")
+    parser.add_argument("--workers", type=int, default=3,
+                        help="processes side by side, one CPU thread each (default: 3)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    study = position_study(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
+                           workers=args.workers, log=lambda m: print(m, flush=True))
+    state = (f"ran now in {time.perf_counter() - started:.0f} s" if study.built_now
+             else "found in the cache")
+    print(f"position study {args.recipe!r} {state}: {study.path}")
+    for variant in VARIANTS:
+        final = study.final(variant)
+        print(f"{variant:20s}: test MLM loss {final['mlm_loss']:.3f}, accuracy "
+              f"{final['mlm_accuracy']:.3f} after {final['step']} updates")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
