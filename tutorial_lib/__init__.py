@@ -25,12 +25,10 @@ from .config import PRESETS, TransformerConfig
 from .extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding, alibi_slopes,
                             equal_mean_random_positions, evenly_spaced_positions,
                             ntk_scaled_base, random_positions)
-from .model import (CausalLM, Encoder, MaskedLM, ModelOutput, SequenceClassifier,
-                    build_model, set_position_options)
 from .deberta import (DisentangledAttention, EnhancedMaskDecoder, RelativePositionBias,
                       RelativePositionTable)
 from .model import (CausalLM, Encoder, EncoderState, MaskedLM, ModelOutput,
-                    SequenceClassifier, build_model)
+                    SequenceClassifier, build_model, set_position_options)
 from .positions import RotaryEmbedding, sinusoidal_embedding
 
 __version__ = "0.1.0"
