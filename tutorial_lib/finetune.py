@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,8 @@ from .batching import ClassificationCollator, classification_examples
 from .evaluation import classification_metrics, fixed_batches
 from .model import SequenceClassifier
 from .pretrained import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
+from .studies import (COMPLETE, add_build_arguments, build_message, build_study_entry,
+                      check_workers, safe_name, write_json_atomic)
 from .training import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -253,12 +253,6 @@ class StudyResult:
         return [run["attacked_accuracy"] for run in self.runs if run["method"] == method]
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(value, indent=1))
-    os.replace(staging, path)
-
-
 def run_study(study: str | Study, *, cache_dir: str | Path | None = None, rebuild: bool = False,
               workers: int = 2, log: Callable[[str], None] | None = None) -> StudyResult:
     """Run (or load from the cache) every method × seed of ``study``.
@@ -272,86 +266,59 @@ def run_study(study: str | Study, *, cache_dir: str | Path | None = None, rebuil
         if study not in STUDIES:
             raise ValueError(f"study must be one of {sorted(STUDIES)} or a Study, got {study!r}")
         study = STUDIES[study]
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_workers(workers)
     baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     entry = root / f"study-{study.name}-{study.key(baseline.path.name)}"
-    built_now = False
-    if rebuild and entry.exists():
-        shutil.rmtree(entry)
-    if not (entry / "COMPLETE").exists():
-        # A fixed staging name (not per process): an interrupted build keeps its runs.
-        staging = root / f".staging-{entry.name}"
-        (staging / "runs").mkdir(parents=True, exist_ok=True)
-        tasks = [(seed, index) for seed in study.seeds for index in range(len(study.methods))
-                 if not (staging / "runs" / _run_file(study.methods[index][0], seed)).exists()]
-        log = log or (lambda message: None)
-        if workers == 1 or len(tasks) <= 1:
-            sst2 = sst2_data(study.recipe, baseline.tokenizer)
-            for seed, index in tasks:
-                log(_run_one(study, baseline, sst2, seed, index, staging))
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+    names = [_run_file(name, seed) for seed in study.seeds for name, _ in study.methods]
+    jobs = [(f"runs/{_run_file(study.methods[index][0], seed)}", _run_in_worker,
+             (study, cache_dir, seed, index))
+            for seed in study.seeds for index in range(len(study.methods))]
 
-            context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [pool.submit(_run_in_worker, study, cache_dir, seed, index, staging)
-                           for seed, index in tasks]
-                for future in futures:
-                    log(future.result())
-        names = [_run_file(name, seed) for seed in study.seeds for name, _ in study.methods]
+    def summary() -> dict:
         majority = sst2_data(study.recipe, baseline.tokenizer).majority_rate
-        _write_json_atomic(staging / "COMPLETE", {"runs": names, "majority_rate": majority,
-                                                  "epsilons": list(study.epsilons)})
-        os.replace(staging, entry)
-        built_now = True
-    summary = json.loads((entry / "COMPLETE").read_text())
+        return {"runs": names, "majority_rate": majority, "epsilons": list(study.epsilons)}
+
+    built_now = build_study_entry(entry, jobs, summary, rebuild=rebuild, workers=workers, log=log)
+    summary = json.loads((entry / COMPLETE).read_text())
     runs = [json.loads((entry / "runs" / name).read_text()) for name in summary["runs"]]
     return StudyResult(study, runs, summary["majority_rate"], entry, built_now)
 
 
 def _run_file(method: str, seed: int) -> str:
-    safe = "".join(c if c.isalnum() else "-" for c in method.lower())
-    return f"{safe}-seed{seed}.json"
+    return f"{safe_name(method.lower())}-seed{seed}.json"
 
 
-_WORKER_STATE: dict[str, Any] = {}
+_LOADED: dict[str, Any] = {}  # this process's baseline and data, with what they were loaded for
 
 
 def _run_in_worker(study: Study, cache_dir, seed: int, index: int, out: Path) -> str:
-    # In a worker process: load the baseline and the data once, then run.
-    if "sst2" not in _WORKER_STATE:
+    # Load the baseline and the data once per process and study, then run.
+    wanted = repr((study.baseline, study.recipe, cache_dir))
+    if _LOADED.get("for") != wanted:
         baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
-        _WORKER_STATE.update(baseline=baseline, sst2=sst2_data(study.recipe, baseline.tokenizer))
-    return _run_one(study, _WORKER_STATE["baseline"], _WORKER_STATE["sst2"], seed, index, out)
+        _LOADED.update({"for": wanted, "baseline": baseline,
+                        "sst2": sst2_data(study.recipe, baseline.tokenizer)})
+    return _run_one(study, _LOADED["baseline"], _LOADED["sst2"], seed, index, out)
 
 
 def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index: int,
              out: Path) -> str:
     """Fine-tune and evaluate one (method, seed); write its JSON atomically; return a log line."""
     name, method = study.methods[index]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic in every worker layout
-    try:
-        seed_everything(seed)
-        model = SequenceClassifier(baseline.model.config, num_labels=2,
-                                   pooling=study.recipe.pooling)
-        load_baseline_encoder_into(model, baseline)
-        trained = fine_tune_sst2(model, sst2, study.recipe,
-                                 loss_step=method or default_loss_step, seed=seed)
-        clean = classification_metrics(model, sst2.dev_batches)["accuracy"]
-        curve = robustness_curve(model, sst2.attack_batches, study.epsilons,
-                                 steps=study.attack_steps)
-    finally:
-        torch.set_num_threads(threads)
+    seed_everything(seed)
+    model = SequenceClassifier(baseline.model.config, num_labels=2, pooling=study.recipe.pooling)
+    load_baseline_encoder_into(model, baseline)
+    trained = fine_tune_sst2(model, sst2, study.recipe, loss_step=method or default_loss_step,
+                             seed=seed)
+    clean = classification_metrics(model, sst2.dev_batches)["accuracy"]
+    curve = robustness_curve(model, sst2.attack_batches, study.epsilons, steps=study.attack_steps)
     losses = [row["loss"] for row in trained["history"] if row.get("event") == "train"]
     run = {"method": name, "seed": seed, "accuracy": clean, "attacked_accuracy": curve,
            "seconds_per_step": trained["seconds_per_step"], "train_loss": losses,
            "final_logs": {k: v for k, v in trained["history"][-1].items()
                           if isinstance(v, (int, float))}}
-    _write_json_atomic(out / "runs" / _run_file(name, seed), run)
+    write_json_atomic(out / "runs" / _run_file(name, seed), run)
     return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
             + " ".join(f"{a:.3f}" for a in curve)
             + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
@@ -365,11 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run the book's fine-tuning studies and cache them.")
     parser.add_argument("studies", nargs="*", metavar="STUDY",
                         help=f"which studies to run, of {sorted(STUDIES)} (default: all)")
-    parser.add_argument("--rebuild", action="store_true", help="run again even if cached")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="processes running side by side, one CPU thread each (default: 2)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
+    add_build_arguments(parser, workers=2)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.studies) - set(STUDIES))
     if unknown:
@@ -378,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         result = run_study(name, cache_dir=args.cache_dir, rebuild=args.rebuild,
                            workers=args.workers, log=lambda message: print(message, flush=True))
-        state = (f"ran now in {time.perf_counter() - started:.0f} s" if result.built_now
-                 else "found in the cache")
-        print(f"study {name!r} {state}: {result.path}")
+        print(build_message(f"study {name!r}", result.built_now,
+                            time.perf_counter() - started, result.path))
     return 0
 
 

@@ -32,9 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +45,8 @@ from .config import TransformerConfig
 from .extrapolation import evenly_spaced_positions, random_positions
 from .model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
 from .pretrained import models_cache_dir
+from .studies import (COMPLETE, add_build_arguments, build_message, build_study_entry,
+                      check_workers, write_json_atomic)
 from .training import BatchLoader, count_shifted_targets, seed_everything, train
 
 # -- recipe ----------------------------------------------------------------------------
@@ -485,12 +484,6 @@ def plot_length_curves(result: LengthStudyResult, methods, ax, metric: str = "ac
     return lines
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(value, indent=1))
-    os.replace(staging, path)
-
-
 def _jobs(recipe: LengthRecipe) -> list[tuple[str, int]]:
     """(model kind, seed) to train: every kind once, RoPE with every seed, the MLM."""
     first = recipe.seeds[0]
@@ -500,31 +493,24 @@ def _jobs(recipe: LengthRecipe) -> list[tuple[str, int]]:
 
 
 def _run_job(recipe: LengthRecipe, kind: str, seed: int, out: Path) -> str:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic whatever the worker layout
-    try:
-        started = time.perf_counter()
-        chars = shakespeare_chars()
-        if kind == "mlm":
-            model = train_masked(recipe, chars, seed)
-            trained = time.perf_counter() - started
-            lengths = recipe.test_lengths
-            record = {"kind": kind, "seed": seed, "lengths": lengths,
-                      "standard": [masked_accuracy(model, recipe, chars, n, False)
-                                   for n in lengths],
-                      "log n": [masked_accuracy(model, recipe, chars, n, True)
-                                for n in lengths]}
-        else:
-            model = train_causal(recipe, chars, kind, seed)
-            trained = time.perf_counter() - started
-            curves = {name: evaluate_variant(model, variant, recipe, chars)
-                      for name, variant in variants(recipe).items() if variant.model == kind}
-            record = {"kind": kind, "seed": seed, "curves": curves}
-        record["train_seconds"] = trained
-        record["total_seconds"] = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(threads)
-    _write_json_atomic(out / "runs" / f"{kind}-seed{seed}.json", record)
+    started = time.perf_counter()
+    chars = shakespeare_chars()
+    if kind == "mlm":
+        model = train_masked(recipe, chars, seed)
+        trained = time.perf_counter() - started
+        lengths = recipe.test_lengths
+        record = {"kind": kind, "seed": seed, "lengths": lengths,
+                  "standard": [masked_accuracy(model, recipe, chars, n, False) for n in lengths],
+                  "log n": [masked_accuracy(model, recipe, chars, n, True) for n in lengths]}
+    else:
+        model = train_causal(recipe, chars, kind, seed)
+        trained = time.perf_counter() - started
+        curves = {name: evaluate_variant(model, variant, recipe, chars)
+                  for name, variant in variants(recipe).items() if variant.model == kind}
+        record = {"kind": kind, "seed": seed, "curves": curves}
+    record["train_seconds"] = trained
+    record["total_seconds"] = time.perf_counter() - started
+    write_json_atomic(out / "runs" / f"{kind}-seed{seed}.json", record)
     return f"{kind:12s} seed {seed}: trained in {trained:.0f} s, " \
            f"evaluated in {record['total_seconds'] - trained:.0f} s"
 
@@ -538,37 +524,15 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
             raise ValueError(f"recipe must be one of {sorted(LENGTH_RECIPES)} or a "
                              f"LengthRecipe, got {recipe!r}")
         recipe = LENGTH_RECIPES[recipe]
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_workers(workers)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     entry = root / f"study-length-{recipe.name}-{study_key(recipe)}"
-    built_now = False
-    if rebuild and entry.exists():
-        shutil.rmtree(entry)
-    if not (entry / "COMPLETE").exists():
-        staging = root / f".staging-{entry.name}"
-        (staging / "runs").mkdir(parents=True, exist_ok=True)
-        todo = [(kind, seed) for kind, seed in _jobs(recipe)
-                if not (staging / "runs" / f"{kind}-seed{seed}.json").exists()]
-        log = log or (lambda message: None)
-        if workers == 1 or len(todo) <= 1:
-            for kind, seed in todo:
-                log(_run_job(recipe, kind, seed, staging))
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [pool.submit(_run_job, recipe, kind, seed, staging)
-                           for kind, seed in todo]
-                for future in futures:
-                    log(future.result())
-        names = [f"{kind}-seed{seed}.json" for kind, seed in _jobs(recipe)]
-        _write_json_atomic(staging / "COMPLETE", {"runs": names})
-        os.replace(staging, entry)
-        built_now = True
-    names = json.loads((entry / "COMPLETE").read_text())["runs"]
+    names = [f"{kind}-seed{seed}.json" for kind, seed in _jobs(recipe)]
+    jobs = [(f"runs/{kind}-seed{seed}.json", _run_job, (recipe, kind, seed))
+            for kind, seed in _jobs(recipe)]
+    built_now = build_study_entry(entry, jobs, lambda: {"runs": names}, rebuild=rebuild,
+                                  workers=workers, log=log)
+    names = json.loads((entry / COMPLETE).read_text())["runs"]
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}
     masked: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
@@ -593,18 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tutorial_lib.lengthstudy",
                                      description="Run chapter 5's length study and cache it.")
     parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(LENGTH_RECIPES))
-    parser.add_argument("--rebuild", action="store_true", help="run again even if cached")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="processes running side by side, one CPU thread each (default: 2)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
+    add_build_arguments(parser, workers=2)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     result = run_length_study(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
                               workers=args.workers, log=lambda message: print(message, flush=True))
-    state = (f"ran now in {time.perf_counter() - started:.0f} s" if result.built_now
-             else "found in the cache")
-    print(f"length study {args.recipe!r} {state}: {result.path}")
+    print(build_message(f"length study {args.recipe!r}", result.built_now,
+                        time.perf_counter() - started, result.path))
     return 0
 
 

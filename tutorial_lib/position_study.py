@@ -30,14 +30,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from . import __version__
 from .checkpoint import load_weights
@@ -46,6 +43,8 @@ from .deberta import RelativePositionBias
 from .model import MaskedLM
 from .pretrained import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
                          pretrain_mlm)
+from .studies import (add_build_arguments, build_message, build_study_entry, check_workers,
+                      safe_name)
 from .training import seed_everything
 
 VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
@@ -105,7 +104,7 @@ class PositionStudy:
 
 
 def _folder(variant: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in variant)
+    return safe_name(variant)
 
 
 def _study_key(recipe: BaselineRecipe, baseline_key: str) -> str:
@@ -124,35 +123,14 @@ def position_study(recipe: str | BaselineRecipe = "cpu", *,
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a BaselineRecipe, "
                          f"got {recipe!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_workers(workers)
     baseline = baseline_mlm(recipe, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     entry = root / f"study-positions-{baseline.recipe.name}-{_study_key(baseline.recipe, baseline.path.name)}"
-    built_now = False
-    if rebuild and entry.exists():
-        shutil.rmtree(entry)
-    if not (entry / "COMPLETE").exists():
-        staging = root / f".staging-{entry.name}"  # fixed name: a rerun resumes
-        staging.mkdir(parents=True, exist_ok=True)
-        todo = [v for v in VARIANTS[1:] if not (staging / _folder(v) / "DONE").exists()]
-        log = log or (lambda message: None)
-        if workers == 1 or len(todo) <= 1:
-            for variant in todo:
-                log(_train_variant(recipe, cache_dir, variant, staging))
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
-                futures = [pool.submit(_train_variant, recipe, cache_dir, v, staging)
-                           for v in todo]
-                for future in futures:
-                    log(future.result())
-        (staging / "COMPLETE").write_text(json.dumps({"variants": list(VARIANTS)}))
-        os.replace(staging, entry)
-        built_now = True
+    jobs = [(f"{_folder(variant)}/DONE", _train_variant, (recipe, cache_dir, variant))
+            for variant in VARIANTS[1:]]
+    built_now = build_study_entry(entry, jobs, lambda: {"variants": list(VARIANTS)},
+                                  rebuild=rebuild, workers=workers, log=log)
     histories = {"absolute": baseline.history}
     for variant in VARIANTS[1:]:
         lines = (entry / _folder(variant) / "metrics.jsonl").read_text().splitlines()
@@ -161,21 +139,16 @@ def position_study(recipe: str | BaselineRecipe = "cpu", *,
 
 
 def _train_variant(recipe: str | BaselineRecipe, cache_dir, variant: str, staging: Path) -> str:
-    """Train one variant with one CPU thread (the same arithmetic in any worker layout)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        baseline = baseline_mlm(recipe, cache_dir=cache_dir)
-        out = staging / _folder(variant)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        started = time.perf_counter()
-        seed_everything(baseline.recipe.seed)
-        model = build_variant(variant, baseline.model.config)
-        pretrain_mlm(baseline.recipe, model, baseline.tokenizer, out)
-        seconds = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(threads)
+    """Train one variant (the study runs it with one CPU thread, in any worker layout)."""
+    baseline = baseline_mlm(recipe, cache_dir=cache_dir)
+    out = staging / _folder(variant)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    seed_everything(baseline.recipe.seed)
+    model = build_variant(variant, baseline.model.config)
+    pretrain_mlm(baseline.recipe, model, baseline.tokenizer, out)
+    seconds = time.perf_counter() - started
     (out / "DONE").write_text(json.dumps({"seconds": round(seconds, 1)}))
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"eval"' in line][-1]
@@ -190,18 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tutorial_lib.position_study",
                                      description="Chapter 3's position study, cached.")
     parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES))
-    parser.add_argument("--rebuild", action="store_true", help="train again even if cached")
-    parser.add_argument("--workers", type=int, default=3,
-                        help="processes side by side, one CPU thread each (default: 3)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
+    add_build_arguments(parser, workers=3)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     study = position_study(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
                            workers=args.workers, log=lambda m: print(m, flush=True))
-    state = (f"ran now in {time.perf_counter() - started:.0f} s" if study.built_now
-             else "found in the cache")
-    print(f"position study {args.recipe!r} {state}: {study.path}")
+    print(build_message(f"position study {args.recipe!r}", study.built_now,
+                        time.perf_counter() - started, study.path))
     for variant in VARIANTS:
         final = study.final(variant)
         print(f"{variant:20s}: test MLM loss {final['mlm_loss']:.3f}, accuracy "
