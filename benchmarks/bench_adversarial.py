@@ -24,8 +24,8 @@ import time
 import torch
 
 from tutorial_lib import SequenceClassifier, TransformerConfig
-from tutorial_lib import adversarial as adv
-from tutorial_lib.training import default_loss_step
+from tutorial_lib.techniques import adversarial as adv
+from tutorial_lib.training.loop import default_loss_step
 
 METHODS = {
     "plain": default_loss_step,

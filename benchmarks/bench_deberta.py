@@ -33,7 +33,7 @@ import torch
 
 from bench_encoder import peak_step_memory  # same directory: benchmarks/
 from tutorial_lib import Encoder, TransformerConfig
-from tutorial_lib.attention import AttentionContext
+from tutorial_lib.core.attention import AttentionContext
 from tutorial_lib.interop import from_hf
 
 GOALS = {"attention_time_ratio_vs_hf": 0.8, "attention_peak_memory_ratio_vs_hf": 1.0,

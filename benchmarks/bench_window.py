@@ -1,13 +1,13 @@
 """Windowed against full attention as the sequence grows: time and peak memory.
 
-One attention layer (:class:`tutorial_lib.attention.MultiHeadAttention`, RoPE on),
+One attention layer (:class:`tutorial_lib.core.attention.MultiHeadAttention`, RoPE on),
 forward and backward (a squared-mean loss of its output, gradients to the
 weights and the input), in training mode without dropout, at sequence lengths
 that double (512 ... 8192 by default) and a fixed window. Three variants share
 the same weights and inputs:
 
 * ``full``: no window; PyTorch's fused ``scaled_dot_product_attention``;
-* ``window``: a :class:`~tutorial_lib.attention.SlidingWindowMask`, which the core
+* ``window``: a :class:`~tutorial_lib.core.attention.SlidingWindowMask`, which the core
   computes block by block (the banded path);
 * ``window_dense`` (unless ``--no-dense-window``): the same window as a mask on the
   full n x n score matrix, i.e. what the core did before the banded path.

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tutorial_lib import SequenceClassifier, TransformerConfig
-from tutorial_lib import adversarial as adv
+from tutorial_lib.techniques import adversarial as adv
 from tutorial_lib.interop import from_hf
-from tutorial_lib.training import BatchLoader, TrainConfig, train
+from tutorial_lib.training.loop import BatchLoader, TrainConfig, train
 
 CONFIG = TransformerConfig.preset("tiny", vocab_size=60, hidden_dropout=0.0, attention_dropout=0.0)
 

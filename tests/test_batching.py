@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tutorial_lib.batching import (IGNORE_INDEX, ClassificationCollator, MLMCollator,
+from tutorial_lib.data.batching import (IGNORE_INDEX, ClassificationCollator, MLMCollator,
                                    causal_lm_blocks, classification_examples, mlm_examples,
                                    pad_batch)
-from tutorial_lib.tokenization import CharTokenizer
+from tutorial_lib.data.tokenization import CharTokenizer
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = {PAD, UNK, CLS, SEP, MASK}

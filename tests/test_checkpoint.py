@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tutorial_lib import checkpoint as ckpt
+from tutorial_lib.training import checkpoint as ckpt
 
 
 class Tied(nn.Module):

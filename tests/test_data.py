@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tutorial_lib import data
+from tutorial_lib.data import files as data
 
 CONTENT = b"line one\nline two\n"
 

@@ -29,8 +29,8 @@ VOCAB, GLOBAL_BATCH, STEPS = 30, 8, 6
 
 
 def worker(out_dir: str, result_path: str, accumulation_steps: int) -> None:
-    from tutorial_lib import distributed
-    from tutorial_lib.training import BatchLoader, train
+    from tutorial_lib.training import distributed
+    from tutorial_lib.training.loop import BatchLoader, train
 
     torch.set_num_threads(1)
     context = distributed.init_distributed("cpu")
@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    from tutorial_lib import checkpoint as ckpt
+    from tutorial_lib.training import checkpoint as ckpt
 
     base = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

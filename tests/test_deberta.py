@@ -1,4 +1,4 @@
-"""DeBERTa (tutorial_lib.deberta): parity with Hugging Face DeBERTa-v2, the EMD, configs.
+"""DeBERTa (tutorial_lib.techniques.deberta): parity with Hugging Face DeBERTa-v2, the EMD, configs.
 
 Hugging Face models are built from configs with random weights (no download). The
 default initialisation (std 0.02) makes the position terms too small to reveal a
@@ -12,8 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from tutorial_lib import (DisentangledAttention, Encoder, MaskedLM, TransformerConfig,
                           build_model)
-from tutorial_lib.attention import AttentionContext, MultiHeadAttention
-from tutorial_lib.deberta import log_bucket_position, relative_position_index
+from tutorial_lib.core.attention import AttentionContext, MultiHeadAttention
+from tutorial_lib.techniques.deberta import (EnhancedMaskDecoder, log_bucket_position,
+                                             relative_position_index)
 
 transformers = pytest.importorskip("transformers")
 hf_deberta = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
@@ -236,18 +237,18 @@ def test_enhanced_mask_decoder_matches_a_reference_built_from_hf_layers(share_at
     hf, plain = build_pair(seed=5, model="DebertaV2ForMaskedLM", legacy=False,
                            share_att_key=share_att_key)
     for sparse in (False, True):
-        emd = build_model("mlm", plain.config, enhanced_mask_decoder=True,
+        emd = build_model("mlm", plain.config, decoder=EnhancedMaskDecoder,
                           sparse_prediction=sparse).eval()
         missing, unexpected = emd.load_state_dict(plain.state_dict(), strict=False)
-        assert missing == ["enhanced_mask_decoder.position_embeddings.weight"] and not unexpected
+        assert missing == ["decoder.position_embeddings.weight"] and not unexpected
         with torch.no_grad():
-            emd.enhanced_mask_decoder.position_embeddings.weight.normal_(0, 1.0)
+            emd.decoder.position_embeddings.weight.normal_(0, 1.0)
         ids, mask = padded_batch(seed=5)
         labels = torch.full_like(ids, -100)
         labels[:, 0] = ids[:, 0]
         labels[0, 33] = ids[0, 33]
         with torch.no_grad():
-            expected = emd_reference(hf, emd.enhanced_mask_decoder.position_embeddings.weight,
+            expected = emd_reference(hf, emd.decoder.position_embeddings.weight,
                                      ids, mask)
             got = emd(ids, mask, labels=labels)
             plain_logits = plain(ids, mask).logits
@@ -265,7 +266,7 @@ def test_enhanced_mask_decoder_matches_a_reference_built_from_hf_layers(share_at
 def test_enhanced_mask_decoder_needs_positions_off_in_the_input():
     config = TransformerConfig.preset("tiny", vocab_size=VOCAB, relative_attention=True)
     with pytest.raises(ValueError, match="position_embedding='none'"):
-        build_model("mlm", config, enhanced_mask_decoder=True)
+        build_model("mlm", config, decoder=EnhancedMaskDecoder)
 
 
 # -- library behaviour --------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def tiny_deberta(**overrides):
 def test_gradients_reach_every_parameter(share_att_key, decoder):
     torch.manual_seed(0)
     model = build_model("mlm", tiny_deberta(share_att_key=share_att_key),
-                        enhanced_mask_decoder=decoder)
+                        decoder=EnhancedMaskDecoder if decoder else None)
     ids = torch.randint(5, VOCAB, (3, 21))
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
@@ -334,7 +335,7 @@ def test_plugin_refuses_a_missing_relative_table():
 
 def test_encoder_compiles_without_graph_breaks():
     torch.manual_seed(0)
-    model = build_model("mlm", tiny_deberta(), enhanced_mask_decoder=True).eval()
+    model = build_model("mlm", tiny_deberta(), decoder=EnhancedMaskDecoder).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     ids = torch.randint(5, VOCAB, (2, 19))
     mask = torch.ones_like(ids)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tutorial_lib import MaskedLM, SequenceClassifier, TransformerConfig
-from tutorial_lib.batching import ClassificationCollator, MLMCollator
-from tutorial_lib.evaluation import classification_metrics, fixed_batches, masked_lm_metrics
+from tutorial_lib.data.batching import ClassificationCollator, MLMCollator
+from tutorial_lib.training.evaluation import classification_metrics, fixed_batches, masked_lm_metrics
 
 CONFIG = TransformerConfig.preset("tiny", vocab_size=60)
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tutorial_lib import adversarial as adv
-from tutorial_lib import finetune, pretrained
-from tutorial_lib.evaluation import classification_metrics
-from tutorial_lib.model import SequenceClassifier
-from tutorial_lib.training import default_loss_step
+from tutorial_lib.techniques import adversarial as adv
+from tutorial_lib.studies import finetune
+from tutorial_lib.studies import baseline as pretrained
+from tutorial_lib.training.evaluation import classification_metrics
+from tutorial_lib.core.model import SequenceClassifier
+from tutorial_lib.training.loop import default_loss_step
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                                vocab_size=300, max_length=32, batch_size=8, steps=2,

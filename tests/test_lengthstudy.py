@@ -7,8 +7,8 @@ import matplotlib
 import pytest
 import torch
 
-from tutorial_lib import lengthstudy as ls
-from tutorial_lib.model import CausalLM, set_position_options
+from tutorial_lib.studies import length as ls
+from tutorial_lib.core.model import CausalLM, set_position_options
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tutorial_lib import MaskedLM, RelativePositionBias, TransformerConfig
-from tutorial_lib.attention import AttentionContext, MultiHeadAttention
-from tutorial_lib.deberta import log_bucket_position
-from tutorial_lib.position_study import VARIANTS, build_variant, variant_config
+from tutorial_lib.core.attention import AttentionContext, MultiHeadAttention
+from tutorial_lib.techniques.deberta import log_bucket_position
+from tutorial_lib.studies.position import VARIANTS, build_variant, variant_config
 
 
 def reference_bias(table, query_positions, key_positions, span, buckets, max_relative):
@@ -87,7 +87,7 @@ def test_variants_differ_only_in_how_positions_enter():
                                    "share_att_key", "norm_rel_ebd"},
         }[variant]
         model = build_variant(variant, base)
-        assert (model.enhanced_mask_decoder is not None) == (variant == "disentangled + EMD")
+        assert (model.decoder is not None) == (variant == "disentangled + EMD")
         ids = torch.randint(1, 50, (2, 40))
         labels = torch.full_like(ids, -100)
         labels[:, ::5] = ids[:, ::5]
@@ -98,7 +98,7 @@ def test_variants_differ_only_in_how_positions_enter():
 
 @pytest.mark.parametrize("share_att_key", [True, False])
 def test_score_terms_add_up_to_the_layers_attention(share_att_key):
-    from tutorial_lib.deberta import attention_score_terms
+    from tutorial_lib.techniques.deberta import attention_score_terms
     config = TransformerConfig.preset("tiny", vocab_size=50, position_embedding="none",
                                       relative_attention=True, position_buckets=4,
                                       max_relative_positions=12, share_att_key=share_att_key,
@@ -122,8 +122,8 @@ def test_score_terms_add_up_to_the_layers_attention(share_att_key):
 
 
 def test_study_trains_the_variants_once_then_loads_them(tmp_path):
-    from tutorial_lib.position_study import position_study
-    from tutorial_lib.pretrained import BaselineRecipe
+    from tutorial_lib.studies.position import position_study
+    from tutorial_lib.studies.baseline import BaselineRecipe
     recipe = BaselineRecipe(name="test", preset="tiny", vocab_size=300, max_length=32,
                             batch_size=8, steps=3, lr=1e-3, warmup_steps=1,
                             train_split="valid", eval_split="test", eval_sequences=16)
@@ -133,7 +133,7 @@ def test_study_trains_the_variants_once_then_loads_them(tmp_path):
         assert first.final(variant)["step"] == 3
         model = first.model(variant)
         assert not model.training
-        assert (model.enhanced_mask_decoder is not None) == (variant == "disentangled + EMD")
+        assert (model.decoder is not None) == (variant == "disentangled + EMD")
     again = position_study(recipe, cache_dir=tmp_path, workers=1)
     assert not again.built_now and again.path == first.path
     assert again.histories == first.histories

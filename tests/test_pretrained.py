@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from tutorial_lib import pretrained
-from tutorial_lib.checkpoint import load_weights
+from tutorial_lib.studies import baseline as pretrained
+from tutorial_lib.training.checkpoint import load_weights
 
 SMALL = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                             vocab_size=300, max_length=32, batch_size=8, steps=3,

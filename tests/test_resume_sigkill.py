@@ -26,7 +26,7 @@ VOCAB = 50
 
 
 def worker(out_dir: str, resume: bool) -> None:
-    from tutorial_lib.training import BatchLoader, default_loss_step, train
+    from tutorial_lib.training.loop import BatchLoader, default_loss_step, train
 
     torch.set_num_threads(1)  # the same float reduction order in every process
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def launch(out_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    from tutorial_lib import checkpoint as ckpt
+    from tutorial_lib.training import checkpoint as ckpt
 
     victim = launch(tmp_path / "victim")
     first_checkpoint = tmp_path / "victim" / "checkpoints" / f"step-{SAVE_EVERY:08d}"

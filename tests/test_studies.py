@@ -1,11 +1,11 @@
-"""The shared cache-entry builder of the book's studies (tutorial_lib.studies)."""
+"""The shared cache-entry builder of the book's studies (tutorial_lib.studies.harness)."""
 
 import json
 
 import pytest
 import torch
 
-from tutorial_lib import studies
+from tutorial_lib.studies import harness as studies
 
 
 def _write(name: str, value: int, staging) -> str:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer
 
-from tutorial_lib.tokenization import (BPE_SPECIALS, WORDPIECE_SPECIALS, CharTokenizer,
+from tutorial_lib.data.tokenization import (BPE_SPECIALS, WORDPIECE_SPECIALS, CharTokenizer,
                                        TextTokenizer, train_bpe, train_wordpiece,
                                        truncation_lengths)
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tutorial_lib import checkpoint as ckpt
-from tutorial_lib.config import TransformerConfig
-from tutorial_lib.model import build_model
+from tutorial_lib.training import checkpoint as ckpt
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.core.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # By module path: a `train` function exported from tutorial_lib/__init__.py would shadow
-# the attribute `tutorial_lib.train`, but never the module registered under this name.
-cli = importlib.import_module("tutorial_lib.train")
+# the attribute `tutorial_lib.training.cli`, but never the module registered under this name.
+cli = importlib.import_module("tutorial_lib.training.cli")
 
 TINY = {
     "description": "test run",
@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, values: dict, name: str = "run.json") -> Path:
 
 
 def test_help_explains_every_option_with_an_example():
-    completed = subprocess.run([sys.executable, "-m", "tutorial_lib.train", "--help"],
+    completed = subprocess.run([sys.executable, "-m", "tutorial_lib.training.cli", "--help"],
                                env={**os.environ, "PYTHONPATH": str(REPO)},
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr

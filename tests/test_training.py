@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from tutorial_lib import checkpoint as ckpt
-from tutorial_lib import distributed
+from tutorial_lib.training import checkpoint as ckpt
+from tutorial_lib.training import distributed
 from standins import VOCAB, StandInMLM, make_examples, mlm_collate
-from tutorial_lib.training import (BatchLoader, TrainConfig, build_scheduler, count_shifted_targets,
+from tutorial_lib.training.loop import (BatchLoader, TrainConfig, build_scheduler, count_shifted_targets,
                                    count_targets, default_loss_step, evaluate_loss, lr_multiplier,
                                    parameter_groups, split_batch, train)
 

@@ -1,44 +1,45 @@
 """tutorial_lib: the shared library of the book *Beyond BERT*.
 
-Modules, each readable on its own:
+Its folders are its layers; each imports only those above it in this list
+(``tests/test_layers.py`` enforces it):
 
-* :mod:`tutorial_lib.config`: ``TransformerConfig`` and named presets;
-* :mod:`tutorial_lib.attention`: the attention core and its plugin extension point;
-* :mod:`tutorial_lib.positions`: sinusoidal positions and RoPE;
-* :mod:`tutorial_lib.extrapolation`: length extrapolation (NTK-aware RoPE, ReRoPE, ALiBi,
-  log-n scaling, random and evenly spaced positions);
-* :mod:`tutorial_lib.deberta`: DeBERTa's disentangled attention (a plugin) and its
-  enhanced mask decoder;
-* :mod:`tutorial_lib.model`: encoder/decoder stacks and heads;
-* :mod:`tutorial_lib.interop`: loading Hugging Face weights;
-* :mod:`tutorial_lib.data`, :mod:`tutorial_lib.tokenization`, :mod:`tutorial_lib.batching`:
-  datasets, tokenizers, collators;
-* :mod:`tutorial_lib.training`, :mod:`tutorial_lib.checkpoint`,
-  :mod:`tutorial_lib.distributed`: the training loop (CLI: ``python -m tutorial_lib.train``);
-* :mod:`tutorial_lib.pretrained`: the book's cached baseline (``python -m tutorial_lib.pretrained``);
-* :mod:`tutorial_lib.adversarial`: embedding-space adversarial training (FGM, PGD, FreeLB,
-  VAT, ALUM/SMART) as loss steps for the training loop, and a PGD attack for evaluation.
+* :mod:`tutorial_lib.core`: chapter 0's Transformer (config, attention and its plugin
+  extension point, positions, the model and its heads, the registries techniques plug
+  into);
+* :mod:`tutorial_lib.data`: data files, tokenizers, batching;
+* :mod:`tutorial_lib.training`: the training loop, checkpoints, distributed set-up,
+  evaluation helpers, the command line (``python -m tutorial_lib.train``);
+* :mod:`tutorial_lib.techniques`: one module per technique of the book;
+* :mod:`tutorial_lib.assembly`: the one place that maps config options to techniques;
+* :mod:`tutorial_lib.interop`: Hugging Face ↔ tutorial_lib;
+* :mod:`tutorial_lib.studies`: the book's experiments (``python -m tutorial_lib.studies``);
+  nothing else imports them.
 """
-
-from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
-from .config import PRESETS, TransformerConfig
-from .extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding, alibi_slopes,
-                            equal_mean_random_positions, evenly_spaced_positions,
-                            ntk_scaled_base, random_positions)
-from .deberta import (DisentangledAttention, EnhancedMaskDecoder, RelativePositionBias,
-                      RelativePositionTable)
-from .model import (CausalLM, Encoder, EncoderState, MaskedLM, ModelOutput,
-                    SequenceClassifier, build_model, set_position_options)
-from .positions import RotaryEmbedding, sinusoidal_embedding
 
 __version__ = "0.1.0"
 
+from tutorial_lib.core.attention import AttentionContext, AttentionPlugin, MultiHeadAttention
+from tutorial_lib.core.config import PRESETS, TransformerConfig
+from tutorial_lib.core.model import (EXTENSIONS, CausalLM, Encoder, EncoderState, MaskedLM,
+                                     ModelOutput, SequenceClassifier, build_model,
+                                     position_options, set_position_options)
+from tutorial_lib.core.positions import RotaryEmbedding, sinusoidal_embedding
+from tutorial_lib import assembly  # noqa: F401  (registers the techniques with the core)
+from tutorial_lib.techniques.deberta import (DisentangledAttention, EnhancedMaskDecoder,
+                                             RelativePositionBias, RelativePositionTable)
+from tutorial_lib.techniques.extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding,
+                                                   SlidingWindowMask, alibi_slopes,
+                                                   equal_mean_random_positions,
+                                                   evenly_spaced_positions, ntk_scaled_base,
+                                                   random_positions)
+
 __all__ = [
     "AttentionContext", "AttentionPlugin", "MultiHeadAttention", "SlidingWindowMask",
-    "PRESETS", "TransformerConfig", "CausalLM", "Encoder", "MaskedLM", "ModelOutput",
-    "SequenceClassifier", "build_model", "RotaryEmbedding", "sinusoidal_embedding",
-    "set_position_options", "ALiBi", "LogNScaling", "ReRotaryEmbedding", "alibi_slopes",
-    "equal_mean_random_positions", "evenly_spaced_positions", "ntk_scaled_base",
-    "random_positions",
-    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionBias", "RelativePositionTable", "EncoderState",
+    "PRESETS", "TransformerConfig", "CausalLM", "Encoder", "EncoderState", "MaskedLM",
+    "ModelOutput", "SequenceClassifier", "build_model", "EXTENSIONS", "RotaryEmbedding",
+    "sinusoidal_embedding", "set_position_options", "position_options", "ALiBi",
+    "LogNScaling", "ReRotaryEmbedding", "alibi_slopes", "equal_mean_random_positions",
+    "evenly_spaced_positions", "ntk_scaled_base", "random_positions",
+    "DisentangledAttention", "EnhancedMaskDecoder", "RelativePositionBias",
+    "RelativePositionTable",
 ]

@@ -1,8 +1,8 @@
 """Load Hugging Face ``transformers`` models into tutorial_lib models.
 
 :func:`from_hf` converts a ``BertModel``, ``BertForMaskedLM`` or
-``BertForSequenceClassification`` into the equivalent :class:`~tutorial_lib.model.Encoder`,
-:class:`~tutorial_lib.model.MaskedLM` or :class:`~tutorial_lib.model.SequenceClassifier`.
+``BertForSequenceClassification`` into the equivalent :class:`~tutorial_lib.core.model.Encoder`,
+:class:`~tutorial_lib.core.model.MaskedLM` or :class:`~tutorial_lib.core.model.SequenceClassifier`.
 The conversion copies tensors one to one; tests build the Hugging Face model
 from a config with random weights and check that the outputs agree to 1e-5 in
 float32, padded batches included. Online, :func:`load_pretrained` downloads a
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TransformerConfig
-from .deberta import DisentangledAttention
-from .model import Encoder, MaskedLM, SequenceClassifier
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.techniques.deberta import DisentangledAttention
+from tutorial_lib.core.model import Encoder, MaskedLM, SequenceClassifier
 
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -331,10 +331,10 @@ def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
 
 
 def load_pretrained_tokenizer(name: str = "bert-base-uncased", **hf_kwargs: Any):
-    """The matching tokenizer as a :class:`tutorial_lib.tokenization.TextTokenizer` (online)."""
+    """The matching tokenizer as a :class:`tutorial_lib.data.tokenization.TextTokenizer` (online)."""
     import transformers
 
-    from .tokenization import TextTokenizer
+    from tutorial_lib.data.tokenization import TextTokenizer
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hf_kwargs)
     return TextTokenizer(hf_tokenizer.backend_tokenizer)

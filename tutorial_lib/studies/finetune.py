@@ -8,16 +8,16 @@ footing once:
 * :class:`SST2Recipe` fixes the data (a random subset of SST-2's short training
   phrases at CPU scale, all of it at GPU scale), the optimiser and the evaluation;
 * :func:`sst2_data` tokenises it; :func:`fine_tune_sst2` trains one classifier with a
-  given loss step (any ``loss_step`` of :func:`tutorial_lib.training.train`, e.g. an
-  :mod:`tutorial_lib.adversarial` method);
+  given loss step (any ``loss_step`` of :func:`tutorial_lib.training.loop.train`, e.g. an
+  :mod:`tutorial_lib.techniques.adversarial` method);
 * :func:`robustness_curve` measures accuracy under an embedding-space PGD attack at
   several radii ε;
 * :class:`Study` names a grid of methods × seeds on the book's baseline, and
   :func:`run_study` runs it and caches the results (numbers only, no weights) like
-  :mod:`tutorial_lib.pretrained` caches the baseline. Each finished run is written
+  :mod:`tutorial_lib.studies.baseline` caches the baseline. Each finished run is written
   to disk at once, so an interrupted study resumes where it stopped.
 
-``python -m tutorial_lib.finetune adversarial-sst2`` builds a study ahead of the
+``python -m tutorial_lib.studies.finetune adversarial-sst2`` builds a study ahead of the
 notebooks (the book's test run does this).
 """
 
@@ -34,15 +34,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__, data
-from .adversarial import FGM, PGD, ALUM, FreeLB, attacked_accuracy
-from .batching import ClassificationCollator, classification_examples
-from .evaluation import classification_metrics, fixed_batches
-from .model import SequenceClassifier
-from .pretrained import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
-from .studies import (COMPLETE, add_build_arguments, build_message, build_study_entry,
+from tutorial_lib import __version__, data
+from tutorial_lib.techniques.adversarial import FGM, PGD, ALUM, FreeLB, attacked_accuracy
+from tutorial_lib.data.batching import ClassificationCollator, classification_examples
+from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
+from tutorial_lib.core.model import SequenceClassifier
+from tutorial_lib.studies.baseline import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
+from tutorial_lib.studies.harness import (COMPLETE, add_build_arguments, build_message, build_study_entry,
                       check_workers, safe_name, write_json_atomic)
-from .training import BatchLoader, default_loss_step, seed_everything, train
+from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
 
@@ -325,10 +325,10 @@ def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.finetune STUDY ...``: build (or find) cached studies."""
+    """``python -m tutorial_lib.studies.finetune STUDY ...``: build (or find) cached studies."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.finetune",
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.finetune",
                                      description="Run the book's fine-tuning studies and cache them.")
     parser.add_argument("studies", nargs="*", metavar="STUDY",
                         help=f"which studies to run, of {sorted(STUDIES)} (default: all)")

@@ -2,7 +2,7 @@ r"""The length-extrapolation study of chapter 5: train short, test long, on real
 
 A small character-level model is trained on Tiny Shakespeare at one length ``m``
 and evaluated on held-out text at ``m, 2m, 4m, ...``. Every position method is an
-option of the shared model (:mod:`tutorial_lib.extrapolation`); what is trained
+option of the shared model (:mod:`tutorial_lib.techniques.extrapolation`); what is trained
 separately is only what needs its own weights:
 
 * causal LMs with learned absolute positions, sinusoidal positions, RoPE, ALiBi,
@@ -11,7 +11,7 @@ separately is only what needs its own weights:
 * a bidirectional RoPE masked LM, for Su's entropy-invariance (log-n) experiment.
 
 Everything else is switched on the trained RoPE model at inference with
-:func:`~tutorial_lib.model.set_position_options`: sliding windows (the "super
+:func:`~tutorial_lib.core.model.set_position_options`: sliding windows (the "super
 baseline"), log-n scaling, NTK-aware base scaling (factor ``n/m``), ReRoPE.
 
 Two test sets are cut from the last tenth of the text, which no model trains on:
@@ -23,8 +23,8 @@ same way (at the training length, so the look-back never exceeds ``m/2``).
 
 :func:`run_length_study` trains and evaluates everything, writing each finished
 run to disk at once (an interrupted study resumes) and caching the numbers (no
-weights) next to the book's baseline, like :mod:`tutorial_lib.finetune`.
-``python -m tutorial_lib.lengthstudy`` builds it ahead of the notebooks.
+weights) next to the book's baseline, like :mod:`tutorial_lib.studies.finetune`.
+``python -m tutorial_lib.studies.length`` builds it ahead of the notebooks.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__, data
-from .config import TransformerConfig
-from .extrapolation import evenly_spaced_positions, random_positions
-from .model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
-from .pretrained import models_cache_dir
-from .studies import (COMPLETE, add_build_arguments, build_message, build_study_entry,
+from tutorial_lib import __version__, data
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.techniques.extrapolation import evenly_spaced_positions, random_positions
+from tutorial_lib.core.model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
+from tutorial_lib.studies.baseline import models_cache_dir
+from tutorial_lib.studies.harness import (COMPLETE, add_build_arguments, build_message, build_study_entry,
                       check_workers, write_json_atomic)
-from .training import BatchLoader, count_shifted_targets, seed_everything, train
+from tutorial_lib.training.loop import BatchLoader, count_shifted_targets, seed_everything, train
 
 # -- recipe ----------------------------------------------------------------------------
 
@@ -551,10 +551,10 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.lengthstudy [cpu|gpu]``: build (or find) the cached study."""
+    """``python -m tutorial_lib.studies.length [cpu|gpu]``: build (or find) the cached study."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.lengthstudy",
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.length",
                                      description="Run chapter 5's length study and cache it.")
     parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(LENGTH_RECIPES))
     add_build_arguments(parser, workers=2)

@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 
-from . import __version__, data
-from .batching import MLMCollator, mlm_examples
-from .checkpoint import load_weights
-from .config import TransformerConfig
-from .evaluation import fixed_mlm_batches, masked_lm_metrics
-from .model import MaskedLM
-from .tokenization import TextTokenizer, train_wordpiece
-from .training import BatchLoader, TrainConfig, seed_everything, train
+from tutorial_lib import __version__, data
+from tutorial_lib.data.batching import MLMCollator, mlm_examples
+from tutorial_lib.training.checkpoint import load_weights
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.training.evaluation import fixed_mlm_batches, masked_lm_metrics
+from tutorial_lib.core.model import MaskedLM
+from tutorial_lib.data.tokenization import TextTokenizer, train_wordpiece
+from tutorial_lib.training.loop import BatchLoader, TrainConfig, seed_everything, train
 
 
 @dataclass(frozen=True)
@@ -206,14 +206,14 @@ def load_baseline_encoder_into(model: torch.nn.Module, baseline: Baseline) -> to
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.pretrained [cpu|gpu]``: build (or find) a cached baseline.
+    """``python -m tutorial_lib.studies.baseline [cpu|gpu]``: build (or find) a cached baseline.
 
     The book's test run calls this once before executing the notebooks, so the
     chapters load the baseline instead of each paying for its training.
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.pretrained",
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.baseline",
                                      description="Build the book's baseline MLM and cache it.")
     parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES),
                         help="which recipe to build (default: cpu)")

@@ -37,14 +37,14 @@ can show that the two differ (``tests/test_deberta.py`` pins both).
 How it plugs into the library
 -----------------------------
 * :class:`DisentangledAttention` is an attention plugin
-  (:mod:`tutorial_lib.attention`): its ``score_scale`` is :math:`1/\sqrt{1+n}`
+  (:mod:`tutorial_lib.core.attention`): its ``score_scale`` is :math:`1/\sqrt{1+n}`
   (the core multiplies :math:`QK^\top/\sqrt d` by it) and its ``score_bias`` is
   (c2p + p2c) :math:`/\sqrt{(1+n)d}`, gathered from the
   (query, table row) and (key, table row) products, so the attention itself
   (masking, softmax, the fused kernel) is the shared core's.
 * The relative table :math:`P` (with its LayerNorm when
   ``norm_rel_ebd="layer_norm"``) is :class:`RelativePositionTable`, held by the
-  :class:`~tutorial_lib.model.Encoder` as in Hugging Face; the encoder passes the
+  :class:`~tutorial_lib.core.model.Encoder` as in Hugging Face; the encoder passes the
   (normalised) table to every layer through ``AttentionContext.relative_embeddings``.
 * With ``share_att_key=True`` (v2/v3) the layer's own :math:`W_q, W_k` (biases
   included) project the table; otherwise the plugin holds one pair of position
@@ -66,8 +66,8 @@ import math
 import torch
 from torch import nn
 
-from .attention import AttentionContext, AttentionPlugin
-from .config import P2C_CONVENTIONS, POSITION_TERMS, REL_NORMS
+from tutorial_lib.core.attention import AttentionContext, AttentionPlugin
+from tutorial_lib.core.config import P2C_CONVENTIONS, POSITION_TERMS, REL_NORMS
 
 
 def log_bucket_position(relative: torch.Tensor, buckets: int, max_relative: int) -> torch.Tensor:
@@ -162,6 +162,12 @@ class DisentangledAttention(AttentionPlugin):
         # Without shared keys each layer has its own W_{k,r} (c2p) and W_{q,r} (p2c).
         self.position_key = per_layer() if self.c2p and not share_att_key else None
         self.position_query = per_layer() if self.p2c and not share_att_key else None
+
+    def prepare(self, encoder, ctx: AttentionContext) -> None:
+        """The relative table, computed once per forward for every layer."""
+        table = getattr(encoder, "relative_embeddings", None)
+        if table is not None:
+            ctx.relative_embeddings = table()
 
     @classmethod
     def from_config(cls, config) -> "DisentangledAttention":
@@ -292,9 +298,12 @@ class EnhancedMaskDecoder(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings,
                                                 config.hidden_size)
 
-    def forward(self, last_layer: nn.Module, last_layer_input: torch.Tensor,
-                ctx: AttentionContext, plugins=()) -> torch.Tensor:
-        """(batch, seq, hidden) query stream after the last pass."""
+    def forward(self, encoder: nn.Module, state) -> torch.Tensor:
+        """(batch, seq, hidden) query stream after the last pass, for an
+        :class:`~tutorial_lib.core.model.EncoderState` of ``encoder`` (a head decoder:
+        ``MaskedLM(config, decoder=EnhancedMaskDecoder)``)."""
+        last_layer, last_layer_input, ctx = encoder.layers[-1], state.last_layer_input, state.ctx
+        plugins = tuple(encoder.attention_plugins)
         positions = ctx.query_positions
         if positions.is_floating_point():
             raise TypeError("the enhanced mask decoder needs integer position_ids")
@@ -302,10 +311,10 @@ class EnhancedMaskDecoder(nn.Module):
             raise ValueError(f"position {int(positions.max())} is beyond the decoder's "
                              f"max_position_embeddings={self.max_positions}")
         query = self.position_embeddings(positions.long()) + last_layer_input
-        ctx.layer_index = last_layer.layer_index
+        ctx.layer_index = len(encoder.layers) - 1
         for _ in range(self.passes):
             query, _ = last_layer(query, ctx, plugins, key_value_states=last_layer_input)
-        return query
+        return query if encoder.final_norm is None else encoder.final_norm(query)
 
     def extra_repr(self) -> str:
         return f"passes={self.passes}"
@@ -359,7 +368,7 @@ def attention_score_terms(model: nn.Module, layer: int, input_ids: torch.Tensor,
 
     ``{"c2c": ..., "c2p": ..., "p2c": ...}``, all divided by :math:`\sqrt{(1+n)d}`, so
     their sum (masked, softmaxed) is the layer's attention. ``model`` is an
-    :class:`~tutorial_lib.model.Encoder` or holds one as ``model.encoder``; it runs in
+    :class:`~tutorial_lib.core.model.Encoder` or holds one as ``model.encoder``; it runs in
     its current mode, without gradients.
     """
     encoder = getattr(model, "encoder", model)
@@ -393,3 +402,15 @@ def attention_score_terms(model: nn.Module, layer: int, input_ids: torch.Tensor,
     zeros = torch.zeros_like(c2c)
     return {"c2c": c2c, "c2p": zeros if c2p is None else c2p,
             "p2c": zeros if p2c is None else p2c}
+
+
+def extend_encoder(encoder: nn.Module, config) -> None:
+    """Make ``encoder`` a DeBERTa encoder when ``config.relative_attention`` asks for it:
+    the relative table, shared by every layer as in Hugging Face, lives on the encoder
+    (``encoder.relative_embeddings``), and the disentangled-attention plugin holds what is
+    per layer. Registered with the core by :mod:`tutorial_lib.assembly`."""
+    if not config.relative_attention:
+        return
+    encoder.relative_embeddings = RelativePositionTable(
+        config.relative_span, config.hidden_size, config.norm_rel_ebd, config.layer_norm_eps)
+    encoder.attention_plugins.append(DisentangledAttention.from_config(config))

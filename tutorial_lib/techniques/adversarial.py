@@ -9,7 +9,7 @@ library (and any model converted from Hugging Face) without editing it:
 * ``where="embedding_output"``: ``δ`` is added to what the embedding layer hands to
   the first block, after LayerNorm and dropout (ALUM and SMART).
 
-Each method is a *loss step* for :func:`tutorial_lib.training.train`: called as
+Each method is a *loss step* for :func:`tutorial_lib.training.loop.train`: called as
 ``method(model, batch)``, it returns ``(loss, logs)``, and one ``loss.backward()``
 gives the method's parameter gradient. ``δ`` is always zero at padding positions.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training import model_inputs
+from tutorial_lib.data.batching import model_inputs
 
 SITES = ("word_embeddings", "embedding_output")
 NORMS = ("l2", "linf")

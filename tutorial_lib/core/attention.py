@@ -16,11 +16,11 @@ Every later technique is an :class:`AttentionPlugin`: an ``nn.Module`` that
 overrides any of seven hooks, called by :class:`MultiHeadAttention` in this order:
 
 1. ``transform_qk(attn, q, k, ctx) -> (q, k)`` rotates or rescales queries and keys
-   (RoPE, :mod:`tutorial_lib.positions`);
+   (RoPE, :mod:`tutorial_lib.core.positions`);
 2. ``content_scores(attn, q, k, ctx) -> Tensor | None`` replaces the product
    :math:`S(Q, K) = QK^\top` (before :math:`1/\sqrt{d}`) by a plugin's own
    ``(batch, heads, query, key)`` matrix: ReRoPE combines two differently rotated
-   products (:mod:`tutorial_lib.extrapolation`). At most one plugin may do so, and the
+   products (:mod:`tutorial_lib.techniques.extrapolation`). At most one plugin may do so, and the
    core then takes the explicit path;
 3. ``score_bias(attn, q, k, ctx) -> Tensor | None``, added to the scaled scores,
    broadcastable to ``(batch, heads, query, key)`` (relative positions, ALiBi,
@@ -125,6 +125,10 @@ class AttentionPlugin(nn.Module):
     def mask(self, attn: "MultiHeadAttention", ctx: AttentionContext) -> torch.Tensor | None:
         return None
 
+    def prepare(self, encoder: nn.Module, ctx: AttentionContext) -> None:
+        """Called by the encoder once per forward, before the first layer: the place to
+        compute what every layer shares and keep it on ``ctx`` (DeBERTa's relative table)."""
+
     def mask_band(self, attn: "MultiHeadAttention", ctx: AttentionContext) -> int | None:
         return None
 
@@ -132,54 +136,6 @@ class AttentionPlugin(nn.Module):
     # detects the override, so the base class deliberately has no implementation.
     content_scores: Callable[..., torch.Tensor] | None = None
     normalise: Callable[..., torch.Tensor] | None = None
-
-
-class SlidingWindowMask(AttentionPlugin):
-    """Local attention: query ``i`` sees key ``j`` only if ``|pos_i - pos_j| < window``.
-
-    With a causal model this keeps the ``window`` most recent keys, the query's own
-    position included.
-
-    The window is measured in positions. Whenever queries and keys share their
-    positions and consecutive positions differ by at least 1 (the default
-    ``0, 1, 2, ...``, or sorted random positions), every key the window allows is
-    also fewer than ``window`` sequence indices away, so the plugin offers the core
-    that band (``mask_band``) and the core computes windowed attention in time and
-    memory linear in the length. The check reads the positions back to the host
-    once per forward pass; under ``torch.compile`` it is skipped and the dense
-    (quadratic) path is used.
-    """
-
-    blockwise = True
-
-    def __init__(self, window: int):
-        super().__init__()
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        self.window = window
-
-    def mask(self, attn, ctx):
-        distance = ctx.query_positions[:, :, None] - ctx.key_positions[:, None, :]
-        return (distance.abs() < self.window)[:, None]  # (batch, 1, query, key)
-
-    def mask_band(self, attn, ctx):
-        if torch.compiler.is_compiling():
-            return None
-        key = "positions-step-at-least-one"
-        if key not in ctx.cache:
-            ctx.cache[key] = _positions_step_at_least_one(ctx)
-        return self.window if ctx.cache[key] else None
-
-    def extra_repr(self) -> str:
-        return f"window={self.window}"
-
-
-def _positions_step_at_least_one(ctx: AttentionContext) -> bool:
-    """True if queries and keys share positions that grow by >= 1 from index to index."""
-    query, key = ctx.query_positions, ctx.key_positions
-    if query is not key and (query.shape != key.shape or not torch.equal(query, key)):
-        return False
-    return bool((key.diff(dim=-1) >= 1).all())
 
 
 def softmax_normalise(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ process who it is through environment variables:
 * ``LOCAL_RANK`` — its index on this machine, used to pick the GPU;
 * ``MASTER_ADDR`` / ``MASTER_PORT`` — where rank 0 listens for the rendezvous.
 
-Conventions used throughout :mod:`tutorial_lib.training`:
+Conventions used throughout :mod:`tutorial_lib.training.loop`:
 
 * The *global* batch size is fixed by the config and does not change with the number
   of processes; each rank sees ``global_batch_size / world_size`` examples per step.

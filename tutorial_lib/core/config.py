@@ -2,7 +2,7 @@
 
 Every model in the book is described by a :class:`TransformerConfig`. A chapter
 that changes the architecture does so through a field here (or by adding an
-attention plugin, see :mod:`tutorial_lib.attention`), never by copying a model.
+attention plugin, see :mod:`tutorial_lib.core.attention`), never by copying a model.
 
 Presets are shapes (and, for DeBERTa, its attention scheme); everything else is
 passed as an override::
@@ -26,6 +26,8 @@ ROTARY_PAIRINGS = ("half", "interleaved")
 POSITION_TERMS = ("c2p", "p2c")
 P2C_CONVENTIONS = ("code", "paper")
 REL_NORMS = ("none", "layer_norm")
+# Field metadata of the options that may change on a trained model.
+SWITCHABLE = {"switchable": True}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # For unit tests: every code path, milliseconds per step.
@@ -82,22 +84,25 @@ class TransformerConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
-    # Attention options every chapter can switch on (see tutorial_lib.attention).
-    rotary: bool = False
-    rotary_base: float = 10000.0
-    rotary_pairing: str = "half"
-    attention_window: int | None = None
-    # Length extrapolation (chapter 5, tutorial_lib.extrapolation). Like the options
-    # above they hold no weights, so tutorial_lib.model.set_position_options can switch
-    # them on a trained model. NTK-aware RoPE: base * factor^(d/(d-2)); 1.0 is off.
-    rotary_ntk_factor: float = 1.0
+    # The layer of the stack: "transformer" (attention + FFN); a technique registers
+    # others with tutorial_lib.core.model.EXTENSIONS.register_block.
+    block: str = "transformer"
+    # Position options, marked SWITCHABLE: they own no weights, so
+    # tutorial_lib.core.model.position_options can change them on a trained model.
+    rotary: bool = field(default=False, metadata=SWITCHABLE)
+    rotary_base: float = field(default=10000.0, metadata=SWITCHABLE)
+    rotary_pairing: str = field(default="half", metadata=SWITCHABLE)
+    attention_window: int | None = field(default=None, metadata=SWITCHABLE)
+    # Length extrapolation (chapter 5, tutorial_lib.techniques.extrapolation).
+    # NTK-aware RoPE: base * factor^(d/(d-2)); 1.0 is off.
+    rotary_ntk_factor: float = field(default=1.0, metadata=SWITCHABLE)
     # ReRoPE: RoPE with relative positions clipped to [-window, window] (needs rotary).
-    rerope_window: int | None = None
+    rerope_window: int | None = field(default=None, metadata=SWITCHABLE)
     # ALiBi: per-head linear distance penalties on the scores (Press et al., 2022).
-    alibi: bool = False
+    alibi: bool = field(default=False, metadata=SWITCHABLE)
     # log-n scaling: logits times max(1, log(n)/log(this)), n the keys a query sees.
-    logn_training_length: int | None = None
-    # DeBERTa's disentangled attention (tutorial_lib.deberta). Off: BERT's attention.
+    logn_training_length: int | None = field(default=None, metadata=SWITCHABLE)
+    # DeBERTa's disentangled attention (tutorial_lib.techniques.deberta). Off: BERT's attention.
     relative_attention: bool = False
     # Position terms added to content-to-content: "c2p", "p2c" or both.
     pos_att_type: tuple[str, ...] = POSITION_TERMS
@@ -140,6 +145,9 @@ class TransformerConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field for any invalid combination."""
+        if not isinstance(self.block, str) or not self.block:
+            raise ValueError(f"block must be the name of a registered block, e.g. "
+                             f"'transformer', got {self.block!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)

@@ -20,14 +20,14 @@ The two are the same rotation up to a fixed permutation of channels, so a model
 trained with one cannot load weights trained with the other unless the q/k
 projections are permuted. Positions may be fractional (random or evenly spaced
 positions, chapter 5). NTK-aware scaling of the base and ReRoPE, which build on
-this module, live in :mod:`tutorial_lib.extrapolation`.
+this module, live in :mod:`tutorial_lib.techniques.extrapolation`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import AttentionContext, AttentionPlugin
+from tutorial_lib.core.attention import AttentionContext, AttentionPlugin
 
 PAIRINGS = ("half", "interleaved")
 

@@ -21,7 +21,7 @@ The pieces, in the order a step uses them:
    linear or cosine decay (:func:`lr_multiplier`), gradient clipping, optional bf16/fp16
    autocast (loss scaling only for fp16 on CUDA) and ``torch.compile``.
 5. Logs to ``out_dir/metrics.jsonl`` and to memory; atomic checkpoints
-   (:mod:`tutorial_lib.checkpoint`) that make a resumed run bitwise identical to an
+   (:mod:`tutorial_lib.training.checkpoint`) that make a resumed run bitwise identical to an
    uninterrupted one on the same hardware, world size and number of CPU threads (float
    reductions are ordered by how work is split, so changing any of these changes the
    last bits).
@@ -32,8 +32,8 @@ In a notebook::
     result = train(model, loader, steps=100, lr=1e-3, warmup_steps=10, eval_fn=my_eval)
     plt.plot(*result.series("loss"));
 
-and the same call runs under ``torchrun`` once :func:`tutorial_lib.distributed.init_distributed`
-has run and the loader gets that ``rank``/``world_size`` (:mod:`tutorial_lib.train` is the
+and the same call runs under ``torchrun`` once :func:`tutorial_lib.training.distributed.init_distributed`
+has run and the loader gets that ``rank``/``world_size`` (:mod:`tutorial_lib.training.cli` is the
 command-line version).
 
 Randomness: the data order and the collator's masking come from the loader's seed; the
@@ -63,12 +63,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tutorial_lib import checkpoint as ckpt
-from tutorial_lib import distributed
+from tutorial_lib.data.batching import BOOKKEEPING_KEYS, model_inputs  # noqa: F401
+from tutorial_lib.training import checkpoint as ckpt
+from tutorial_lib.training import distributed
 
 IGNORE_INDEX = -100
 # Keys the loader adds to each micro-batch for loss normalisation; never model inputs.
-BOOKKEEPING_KEYS = ("num_targets", "num_global_targets")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("constant", "linear", "cosine")
 LossStep = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -245,11 +245,6 @@ class BatchLoader:
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
                                  f"{key}={mine!r}; resuming would not continue the same data stream")
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without the loader's bookkeeping keys."""
-    return {key: value for key, value in batch.items() if key not in BOOKKEEPING_KEYS}
 
 
 def default_loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,7 +1,7 @@
 """Chapter 3's pre-training study: four ways to tell a BERT where its tokens are.
 
 Every variant is chapter 0's CPU baseline model (4 layers, hidden 256) trained by
-the baseline's own recipe (:data:`tutorial_lib.pretrained.RECIPES` ``"cpu"``: 200
+the baseline's own recipe (:data:`tutorial_lib.studies.baseline.RECIPES` ``"cpu"``: 200
 updates of 32 sequences of 64 tokens from WikiText-2's ``valid.txt``, masked-LM loss
 and accuracy on 256 sequences of ``test.txt``; the offline copy of the data set has
 no ``train.txt``), with the baseline's tokenizer, data order and seed. Only the way
@@ -10,7 +10,7 @@ positions enter differs:
 * ``"absolute"``: learned absolute position embeddings added to the input (BERT).
   This *is* the cached baseline; it is not trained again.
 * ``"relative bias"``: no input positions; a learned scalar per head and relative
-  distance added to the scores (:class:`~tutorial_lib.deberta.RelativePositionBias`).
+  distance added to the scores (:class:`~tutorial_lib.techniques.deberta.RelativePositionBias`).
 * ``"disentangled"``: no input positions; DeBERTa-v3's disentangled attention (c2p
   and p2c, shared keys, normalised relative table).
 * ``"disentangled + EMD"``: the same, pre-trained through the enhanced mask decoder.
@@ -18,10 +18,10 @@ positions enter differs:
 Both relative schemes use the same relative index: log buckets (``POSITION_BUCKETS``
 over ``MAX_RELATIVE``), so distances up to 16 are exact and longer ones share rows.
 
-``python -m tutorial_lib.position_study`` runs the three new variants (in three worker
+``python -m tutorial_lib.studies.position`` runs the three new variants (in three worker
 processes of one thread each: on two cores they finish together, sooner than two
 workers followed by one) and caches their metrics and weights next to the
-baseline, like :mod:`tutorial_lib.finetune`; each finished variant is kept, so an
+baseline, like :mod:`tutorial_lib.studies.finetune`; each finished variant is kept, so an
 interrupted study resumes. :func:`position_study` returns the cached result.
 """
 
@@ -36,16 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import load_weights
-from .config import TransformerConfig
-from .deberta import RelativePositionBias
-from .model import MaskedLM
-from .pretrained import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
+from tutorial_lib import __version__
+from tutorial_lib.training.checkpoint import load_weights
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.techniques.deberta import EnhancedMaskDecoder, RelativePositionBias
+from tutorial_lib.core.model import MaskedLM
+from tutorial_lib.studies.baseline import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
                          pretrain_mlm)
-from .studies import (add_build_arguments, build_message, build_study_entry, check_workers,
+from tutorial_lib.studies.harness import (add_build_arguments, build_message, build_study_entry, check_workers,
                       safe_name)
-from .training import seed_everything
+from tutorial_lib.training.loop import seed_everything
 
 VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
 POSITION_BUCKETS = 32
@@ -70,7 +70,7 @@ def build_variant(variant: str, base: TransformerConfig) -> MaskedLM:
     """A fresh (randomly initialised) masked LM of ``variant``."""
     config = variant_config(variant, base)
     model = MaskedLM(config, sparse_prediction=True,
-                     enhanced_mask_decoder=variant == "disentangled + EMD")
+                     decoder=EnhancedMaskDecoder if variant == "disentangled + EMD" else None)
     if variant == "relative bias":
         model.encoder.add_attention_plugin(RelativePositionBias(
             config.num_heads, POSITION_BUCKETS, POSITION_BUCKETS, MAX_RELATIVE))
@@ -119,7 +119,7 @@ def position_study(recipe: str | BaselineRecipe = "cpu", *,
                    cache_dir: str | Path | None = None, rebuild: bool = False, workers: int = 3,
                    log=None) -> PositionStudy:
     """Run (or load from the cache) the study for the baseline ``recipe`` (a name of
-    :data:`~tutorial_lib.pretrained.RECIPES` or a recipe)."""
+    :data:`~tutorial_lib.studies.baseline.RECIPES` or a recipe)."""
     if isinstance(recipe, str) and recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a BaselineRecipe, "
                          f"got {recipe!r}")
@@ -157,10 +157,10 @@ def _train_variant(recipe: str | BaselineRecipe, cache_dir, variant: str, stagin
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.position_study [cpu]``: build (or find) the cached study."""
+    """``python -m tutorial_lib.studies.position [cpu]``: build (or find) the cached study."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.position_study",
+    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.position",
                                      description="Chapter 3's position study, cached.")
     parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES))
     add_build_arguments(parser, workers=3)

@@ -10,12 +10,12 @@ One stack serves both: :class:`Encoder` with ``config.causal=False`` is BERT
 * pre-LN (GPT-2; Xiong et al., 2020): :math:`h \leftarrow h + \mathrm{Attn}(\mathrm{LN}(h))`,
   :math:`h \leftarrow h + \mathrm{FFN}(\mathrm{LN}(h))`, with a final LayerNorm.
 
-Attention modifications are plugins (:mod:`tutorial_lib.attention`): those the
+Attention modifications are plugins (:mod:`tutorial_lib.core.attention`): those the
 config asks for (RoPE and its variants, ALiBi, windows, log-n scaling) are built in
 ``Encoder.position_plugins`` and can be changed on a trained model with
 :func:`set_position_options`; those a chapter adds live in
 ``Encoder.attention_plugins``. ``config.relative_attention`` makes the stack a
-DeBERTa encoder (:mod:`tutorial_lib.deberta`: the disentangled-attention plugin
+DeBERTa encoder (:mod:`tutorial_lib.techniques.deberta`: the disentangled-attention plugin
 and the relative table ``Encoder.relative_embeddings``). Heads (masked LM,
 sequence classification or regression, causal LM) sit on top of an encoder and
 return a :class:`ModelOutput`.
@@ -25,18 +25,18 @@ The parameter layout follows Hugging Face BERT closely enough that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionContext, AttentionPlugin, MultiHeadAttention, SlidingWindowMask
-from .config import TransformerConfig
-from .extrapolation import ALiBi, LogNScaling, ReRotaryEmbedding, ntk_scaled_base
-from .deberta import DisentangledAttention, EnhancedMaskDecoder, RelativePositionTable
-from .positions import RotaryEmbedding, sinusoidal_embedding
+from tutorial_lib.core.attention import AttentionContext, AttentionPlugin, MultiHeadAttention
+from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.core.positions import sinusoidal_embedding
 
 IGNORE_INDEX = -100
 
@@ -48,6 +48,45 @@ _ACTIVATIONS = {
 }
 
 
+class Extensions:
+    """What the techniques plug into the core, filled by :mod:`tutorial_lib.assembly`.
+
+    The core names no technique. It asks this registry, whose defaults are chapter 0's
+    BERT, for:
+
+    * ``position_plugins(config)``: the attention plugins a config's position options
+      ask for. They own no weights, so :func:`position_options` can rebuild them on a
+      trained model;
+    * ``encoder_extensions``: functions ``extend(encoder, config)`` run while an
+      :class:`Encoder` is built, before its weights are initialised, to attach what a
+      technique owns (DeBERTa's relative table and its plugin);
+    * ``blocks``: the layer of the stack by ``config.block`` (``"transformer"``:
+      attention + FFN, :class:`TransformerBlock`). A block is built as
+      ``block(config, layer_index)`` and called as
+      ``block(h, ctx, plugins, key_value_states=None, need_weights=False)``, returning
+      ``(h, attention weights or None)``.
+    """
+
+    def __init__(self):
+        self.position_plugins: Callable[[TransformerConfig], list[AttentionPlugin]] = \
+            lambda config: []
+        self.encoder_extensions: list[Callable[["Encoder", TransformerConfig], None]] = []
+        self.blocks: dict[str, Callable[[TransformerConfig, int], nn.Module]] = {}
+
+    def register_block(self, name: str, build: Callable[[TransformerConfig, int], nn.Module]):
+        """Make ``config.block = name`` build the stack's layers with ``build``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if not callable(build):
+            raise TypeError(f"build must be callable as build(config, layer_index), "
+                            f"got {type(build).__name__}")
+        self.blocks[name] = build
+        return build
+
+
+EXTENSIONS = Extensions()
+
+
 @dataclass
 class ModelOutput:
     """What every model returns. ``loss`` is None when no labels were given."""
@@ -56,6 +95,10 @@ class ModelOutput:
     hidden_states: torch.Tensor  # (batch, seq, hidden), the encoder's final output
     loss: torch.Tensor | None = None
     attentions: list[torch.Tensor] | None = None  # per layer (batch, heads, query, key)
+    # With output_hidden_states: the embedding output, then every layer's output
+    # (num_layers + 1 tensors of shape (batch, seq, hidden), Hugging Face's convention;
+    # a pre-LN stack's final LayerNorm is applied to the last one).
+    all_hidden_states: list[torch.Tensor] | None = None
 
 
 class Embeddings(nn.Module):
@@ -72,6 +115,9 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, config.hidden_size)
             if config.type_vocab_size > 0 else None)
+        # A perturbation site: the sum of the embeddings, before the LayerNorm (SiFT
+        # normalises and perturbs here). An identity unless a hook is attached.
+        self.embedding_sum = nn.Identity()
         self.norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
                      if config.norm_position == "post" else None)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -89,6 +135,7 @@ class Embeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
             x = x + self.token_type_embeddings(token_type_ids)
+        x = self.embedding_sum(x)
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x)
@@ -138,6 +185,9 @@ class TransformerBlock(nn.Module):
         return h, weights
 
 
+EXTENSIONS.register_block("transformer", TransformerBlock)
+
+
 @dataclass
 class EncoderState:
     """What :meth:`Encoder.encode` returns: enough to run the last layer again (EMD)."""
@@ -146,6 +196,9 @@ class EncoderState:
     last_layer_input: torch.Tensor  # (batch, seq, hidden), H_{L-1}
     ctx: AttentionContext
     attentions: list[torch.Tensor] = field(default_factory=list)
+    # With output_hidden_states: num_layers + 1 tensors (batch, seq, hidden), see
+    # ModelOutput.all_hidden_states; otherwise None.
+    all_hidden_states: list[torch.Tensor] | None = None
 
 
 class Encoder(nn.Module):
@@ -158,19 +211,18 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        if config.block not in EXTENSIONS.blocks:
+            raise ValueError(f"config.block must be one of {sorted(EXTENSIONS.blocks)} "
+                             f"(register others with EXTENSIONS.register_block), "
+                             f"got {config.block!r}")
+        build_block = EXTENSIONS.blocks[config.block]
+        self.layers = nn.ModuleList(build_block(config, i) for i in range(config.num_layers))
         self.final_norm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
                            if config.norm_position == "pre" else None)
-        self.position_plugins = nn.ModuleList(position_plugins(config))
+        self.position_plugins = nn.ModuleList(EXTENSIONS.position_plugins(config))
         self.attention_plugins = nn.ModuleList()
-        # DeBERTa: the relative table lives here, shared by every layer (as in Hugging
-        # Face); the plugin holds what is per layer.
-        self.relative_embeddings = None
-        if config.relative_attention:
-            self.relative_embeddings = RelativePositionTable(
-                config.relative_span, config.hidden_size, config.norm_rel_ebd,
-                config.layer_norm_eps)
-            self.attention_plugins.append(DisentangledAttention.from_config(config))
+        for extend in EXTENSIONS.encoder_extensions:  # e.g. DeBERTa's relative table
+            extend(self, config)
         self.apply(lambda module: init_weights(module, config.initializer_range))
 
     def add_attention_plugin(self, plugin: AttentionPlugin) -> AttentionPlugin:
@@ -199,8 +251,11 @@ class Encoder(nn.Module):
                token_type_ids: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None,
                inputs_embeds: torch.Tensor | None = None,
-               output_attentions: bool = False) -> EncoderState:
-        """Like :meth:`forward`, also returning the last layer's input and the context."""
+               output_attentions: bool = False,
+               output_hidden_states: bool = False) -> EncoderState:
+        """Like :meth:`forward`, also returning the last layer's input and the context;
+        with ``output_hidden_states`` also the embedding output and every layer's output
+        (``EncoderState.all_hidden_states``, ``num_layers + 1`` tensors)."""
         batch, length, device = self._check_inputs(input_ids, attention_mask, token_type_ids,
                                                    position_ids, inputs_embeds)
         if position_ids is None:
@@ -211,21 +266,26 @@ class Encoder(nn.Module):
             key_padding = None  # nothing to mask: keep the fused kernel's fastest path
         ctx = AttentionContext(query_positions=position_ids, key_positions=position_ids,
                                key_padding_mask=key_padding, causal=self.config.causal)
-        if self.relative_embeddings is not None:
-            ctx.relative_embeddings = self.relative_embeddings()  # once for all layers
-        h = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         plugins = tuple(self.position_plugins) + tuple(self.attention_plugins)
+        for plugin in plugins:
+            plugin.prepare(self, ctx)  # once per forward, for all layers
+        h = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         attentions = []
+        all_hidden_states = [h] if output_hidden_states else None
         last_layer_input = h
-        for layer in self.layers:
-            ctx.layer_index = layer.layer_index
+        for index, layer in enumerate(self.layers):
+            ctx.layer_index = index
             last_layer_input = h
             h, weights = layer(h, ctx, plugins, need_weights=output_attentions)
             if output_attentions:
                 attentions.append(weights)
+            if output_hidden_states:
+                all_hidden_states.append(h)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return EncoderState(h, last_layer_input, ctx, attentions)
+            if output_hidden_states:
+                all_hidden_states[-1] = h
+        return EncoderState(h, last_layer_input, ctx, attentions, all_hidden_states)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids,
                       inputs_embeds):
@@ -291,34 +351,25 @@ class Encoder(nn.Module):
         return shape[0], shape[1], device
 
 
-def position_plugins(config: TransformerConfig) -> list[AttentionPlugin]:
-    """The attention plugins the config's position options ask for, in calling order."""
-    plugins: list[AttentionPlugin] = []
-    if config.rotary:
-        base = config.rotary_base
-        if config.rotary_ntk_factor != 1:
-            base = ntk_scaled_base(base, config.rotary_ntk_factor, config.head_dim)
-        if config.rerope_window is None:
-            plugins.append(RotaryEmbedding(config.head_dim, base=base,
-                                           pairing=config.rotary_pairing))
-        else:
-            plugins.append(ReRotaryEmbedding(config.head_dim, config.rerope_window, base=base,
-                                             pairing=config.rotary_pairing))
-    if config.alibi:
-        plugins.append(ALiBi(config.num_heads))
-    if config.attention_window is not None:
-        plugins.append(SlidingWindowMask(config.attention_window))
-    if config.logn_training_length is not None:
-        plugins.append(LogNScaling(config.logn_training_length, window=config.attention_window))
-    return plugins
+def switchable_options() -> tuple[str, ...]:
+    """The config fields that may change on a trained model: those whose dataclass field
+    is marked ``switchable`` (position options that own no weights)."""
+    return tuple(f.name for f in dataclasses.fields(TransformerConfig)
+                 if f.metadata.get("switchable"))
 
 
-POSITION_OPTIONS = ("rotary", "rotary_base", "rotary_pairing", "rotary_ntk_factor",
-                    "rerope_window", "alibi", "logn_training_length", "attention_window")
+def _single_encoder(model: nn.Module) -> "Encoder":
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    encoders = [module for module in model.modules() if isinstance(module, Encoder)]
+    if len(encoders) != 1:
+        raise ValueError(f"model must contain exactly one Encoder, found {len(encoders)}")
+    return encoders[0]
 
 
 def set_position_options(model: nn.Module, **options) -> TransformerConfig:
-    """Change position options (``POSITION_OPTIONS``) of a built, possibly trained, model.
+    """Change position options (:func:`switchable_options`) of a built, possibly trained,
+    model, for good; :func:`position_options` changes them inside a ``with`` block.
 
     None of these options owns weights, so the model's parameters are untouched: the
     config is replaced (validated) on every module that holds it and the encoder's
@@ -326,22 +377,39 @@ def set_position_options(model: nn.Module, **options) -> TransformerConfig:
     Returns the new config. Example: ``set_position_options(model, rerope_window=64,
     logn_training_length=128)`` before evaluating at four times the training length.
     """
-    unknown = sorted(set(options) - set(POSITION_OPTIONS))
+    allowed = switchable_options()
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"set_position_options changes only {POSITION_OPTIONS}; "
-                         f"got {unknown}")
-    encoders = [module for module in model.modules() if isinstance(module, Encoder)]
-    if len(encoders) != 1:
-        raise ValueError(f"model must contain exactly one Encoder, found {len(encoders)}")
-    encoder = encoders[0]
+        raise ValueError(f"set_position_options changes only {allowed}; got {unknown}")
+    encoder = _single_encoder(model)
     old = encoder.config
     new = dataclasses.replace(old, **options)  # validates
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = new
     device = next(encoder.parameters()).device
-    encoder.position_plugins = nn.ModuleList(position_plugins(new)).to(device)
+    encoder.position_plugins = nn.ModuleList(EXTENSIONS.position_plugins(new)).to(device)
     return new
+
+
+@contextlib.contextmanager
+def position_options(model: nn.Module, **options):
+    """Inside the ``with`` block the model runs with other position options; on leaving
+    (also by an exception) every module gets back the config object it had and the
+    encoder its own position plugins. Yields the temporary config.
+
+    Example: ``with position_options(model, rotary_ntk_factor=4.0): evaluate(model)``.
+    """
+    encoder = _single_encoder(model)
+    saved_configs = [(module, module.config) for module in model.modules()
+                     if isinstance(getattr(module, "config", None), TransformerConfig)]
+    saved_plugins = encoder.position_plugins
+    try:
+        yield set_position_options(model, **options)
+    finally:
+        for module, config in saved_configs:
+            module.config = config
+        encoder.position_plugins = saved_plugins
 
 
 def _describe(value) -> str:
@@ -398,35 +466,39 @@ class MaskedLM(_LanguageModelBase):
     vocabulary projection is a large part of a small model's step, so this speeds up
     pre-training without changing the loss. Without labels the logits are dense.
 
-    With ``enhanced_mask_decoder=True`` (DeBERTa's EMD,
-    :class:`~tutorial_lib.deberta.EnhancedMaskDecoder`; needs
-    ``position_embedding="none"``) the head reads the EMD's query stream: absolute
-    positions plus the last layer's input, passed twice through the last layer. ``hidden_states`` stays the encoder's output, the
-    representation fine-tuning uses; the EMD is for pre-training only.
+    A ``decoder`` (a head extension point) is built as ``decoder(config)`` and called
+    as ``decoder(encoder, state)`` with the :class:`EncoderState`; the head then reads
+    what it returns instead of the encoder's output. DeBERTa's enhanced mask decoder
+    is one: ``MaskedLM(config, decoder=EnhancedMaskDecoder)``
+    (:class:`~tutorial_lib.techniques.deberta.EnhancedMaskDecoder`). ``hidden_states``
+    stays the encoder's output, the representation fine-tuning uses.
     """
 
     def __init__(self, config: TransformerConfig, sparse_prediction: bool = False,
-                 enhanced_mask_decoder: bool = False):
+                 decoder: Callable[[TransformerConfig], nn.Module] | None = None):
         super().__init__(config)
+        if not isinstance(sparse_prediction, bool):
+            raise TypeError(f"sparse_prediction must be True or False, got {sparse_prediction!r}")
+        if decoder is not None and not callable(decoder):
+            raise TypeError(f"decoder must be None or callable as decoder(config), "
+                            f"got {type(decoder).__name__}")
         self.sparse_prediction = sparse_prediction
         self.transform = nn.Linear(config.hidden_size, config.hidden_size)
         self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.activation = _ACTIVATIONS[config.activation]
         init_weights(self.transform, config.initializer_range)
-        self.enhanced_mask_decoder = (EnhancedMaskDecoder(config) if enhanced_mask_decoder
-                                      else None)
-        if self.enhanced_mask_decoder is not None:
-            init_weights(self.enhanced_mask_decoder.position_embeddings,
-                         config.initializer_range)
+        self.decoder = None if decoder is None else decoder(config)
+        if self.decoder is not None:
+            self.decoder.apply(lambda module: init_weights(module, config.initializer_range))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
-                output_attentions=False) -> ModelOutput:
+                output_attentions=False, output_hidden_states=False) -> ModelOutput:
         state = self.encoder.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                    inputs_embeds, output_attentions)
+                                    inputs_embeds, output_attentions, output_hidden_states)
         h = state.hidden_states
         attentions = state.attentions if output_attentions else None
-        head_input = h if self.enhanced_mask_decoder is None else self.decode(state)
+        head_input = h if self.decoder is None else self.decode(state)
         if labels is not None:
             _check_labels(labels, h.shape[:2], "token")
         loss = None
@@ -439,15 +511,14 @@ class MaskedLM(_LanguageModelBase):
             if labels is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                        ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions)
-
+        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions,
+                           all_hidden_states=state.all_hidden_states)
 
     def decode(self, state: EncoderState) -> torch.Tensor:
-        """The enhanced mask decoder's output (batch, seq, hidden) for an encoder state."""
-        plugins = tuple(self.encoder.attention_plugins)
-        h = self.enhanced_mask_decoder(self.encoder.layers[-1], state.last_layer_input,
-                                       state.ctx, plugins)
-        return h if self.encoder.final_norm is None else self.encoder.final_norm(h)
+        """The decoder's output (batch, seq, hidden) for an encoder state."""
+        if self.decoder is None:
+            raise ValueError("decode needs a model built with a decoder")
+        return self.decoder(self.encoder, state)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         """The head: (..., hidden) -> (..., vocab) logits."""
@@ -464,9 +535,10 @@ class CausalLM(_LanguageModelBase):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
-                output_attentions=False) -> ModelOutput:
-        h, attentions = _run_encoder(self.encoder, input_ids, attention_mask, token_type_ids,
-                                     position_ids, inputs_embeds, output_attentions)
+                output_attentions=False, output_hidden_states=False) -> ModelOutput:
+        state = self.encoder.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                    inputs_embeds, output_attentions, output_hidden_states)
+        h, attentions = state.hidden_states, (state.attentions if output_attentions else None)
         logits = self.project_to_vocab(h)  # (batch, seq, vocab)
         loss = None
         if labels is not None:
@@ -474,7 +546,8 @@ class CausalLM(_LanguageModelBase):
             # Position t predicts token t+1.
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions)
+        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions,
+                           all_hidden_states=state.all_hidden_states)
 
 
 class SequenceClassifier(nn.Module):
@@ -514,9 +587,10 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
-                output_attentions=False) -> ModelOutput:
-        h, attentions = _run_encoder(self.encoder, input_ids, attention_mask, token_type_ids,
-                                     position_ids, inputs_embeds, output_attentions)
+                output_attentions=False, output_hidden_states=False) -> ModelOutput:
+        state = self.encoder.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                    inputs_embeds, output_attentions, output_hidden_states)
+        h, attentions = state.hidden_states, (state.attentions if output_attentions else None)
         logits = self.classifier(self.dropout(self.pool(h, attention_mask)))  # (batch, labels)
         loss = None
         if labels is not None:
@@ -525,14 +599,8 @@ class SequenceClassifier(nn.Module):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
-        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions)
-
-
-def _run_encoder(encoder, input_ids, attention_mask, token_type_ids, position_ids,
-                 inputs_embeds, output_attentions):
-    out = encoder(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                  output_attentions=output_attentions)
-    return out if output_attentions else (out, None)
+        return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions,
+                           all_hidden_states=state.all_hidden_states)
 
 
 def _check_labels(labels: torch.Tensor, expected: torch.Size, kind: str) -> None:
@@ -546,7 +614,7 @@ TASKS = {"mlm": MaskedLM, "causal-lm": CausalLM, "classification": SequenceClass
 
 def build_model(task: str, config: TransformerConfig, **kwargs) -> nn.Module:
     """``task`` in ``TASKS``; ``kwargs`` go to the head (e.g. ``num_labels``, ``pooling``,
-    ``enhanced_mask_decoder=True`` for DeBERTa's masked LM)."""
+    ``decoder=EnhancedMaskDecoder`` for DeBERTa's masked LM)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     if not isinstance(config, TransformerConfig):

@@ -1,9 +1,9 @@
 r"""Length extrapolation (chapter 5): running a model on sequences longer than it saw.
 
 Every technique here is either a function that makes position ids or an
-attention plugin (:mod:`tutorial_lib.attention`); each one can be switched on
-through :class:`~tutorial_lib.config.TransformerConfig`, also at inference on a
-model trained without it (:func:`tutorial_lib.model.set_position_options`).
+attention plugin (:mod:`tutorial_lib.core.attention`); each one can be switched on
+through :class:`~tutorial_lib.core.config.TransformerConfig`, also at inference on a
+model trained without it (:func:`tutorial_lib.core.model.set_position_options`).
 
 **NTK-aware RoPE** (bloc97, 2023; Su, kexue.fm/archives/9675). RoPE rotates
 channel pair :math:`i` by :math:`p\,b^{-2i/d}`. To run at :math:`k` times the
@@ -75,8 +75,8 @@ import math
 
 import torch
 
-from .attention import AttentionContext, AttentionPlugin
-from .positions import RotaryEmbedding
+from tutorial_lib.core.attention import AttentionContext, AttentionPlugin
+from tutorial_lib.core.positions import RotaryEmbedding
 
 # -- NTK-aware RoPE --------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class LogNScaling(AttentionPlugin):
 
     ``n`` is, for each query, the number of keys it may attend to, counted by sequence
     index: real keys only; causal: at or before the query; with ``window``: inside the
-    window as :class:`~tutorial_lib.attention.SlidingWindowMask` draws it for the
+    window as :class:`~tutorial_lib.core.attention.SlidingWindowMask` draws it for the
     default positions. With ``clamp`` (the default, as in Su's released code) the factor
     is ``max(1, log_m n)``, so sequences shorter than the training length are left as
     they are; without it, they are softened (factor < 1, and 0 for a single key).
@@ -311,3 +311,51 @@ def equal_mean_random_positions(batch: int, length: int, mean_span: float | None
     span = -mean_span * torch.log1p(-uniform)  # inverse CDF of Exp(mean = mean_span)
     fraction = torch.linspace(0, 1, length, dtype=torch.float64)[None]
     return (fraction * span).float()
+
+
+class SlidingWindowMask(AttentionPlugin):
+    """Local attention: query ``i`` sees key ``j`` only if ``|pos_i - pos_j| < window``.
+
+    With a causal model this keeps the ``window`` most recent keys, the query's own
+    position included.
+
+    The window is measured in positions. Whenever queries and keys share their
+    positions and consecutive positions differ by at least 1 (the default
+    ``0, 1, 2, ...``, or sorted random positions), every key the window allows is
+    also fewer than ``window`` sequence indices away, so the plugin offers the core
+    that band (``mask_band``) and the core computes windowed attention in time and
+    memory linear in the length. The check reads the positions back to the host
+    once per forward pass; under ``torch.compile`` it is skipped and the dense
+    (quadratic) path is used.
+    """
+
+    blockwise = True
+
+    def __init__(self, window: int):
+        super().__init__()
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        self.window = window
+
+    def mask(self, attn, ctx):
+        distance = ctx.query_positions[:, :, None] - ctx.key_positions[:, None, :]
+        return (distance.abs() < self.window)[:, None]  # (batch, 1, query, key)
+
+    def mask_band(self, attn, ctx):
+        if torch.compiler.is_compiling():
+            return None
+        key = "positions-step-at-least-one"
+        if key not in ctx.cache:
+            ctx.cache[key] = _positions_step_at_least_one(ctx)
+        return self.window if ctx.cache[key] else None
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"
+
+
+def _positions_step_at_least_one(ctx: AttentionContext) -> bool:
+    """True if queries and keys share positions that grow by >= 1 from index to index."""
+    query, key = ctx.query_positions, ctx.key_positions
+    if query is not key and (query.shape != key.shape or not torch.equal(query, key)):
+        return False
+    return bool((key.diff(dim=-1) >= 1).all())

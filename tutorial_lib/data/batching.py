@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .model import IGNORE_INDEX  # -100, the label the losses skip
+from tutorial_lib.core.model import IGNORE_INDEX  # -100, the label the losses skip
 
 # What each per-token key is padded with; input_ids use the tokenizer's pad id.
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
@@ -275,3 +275,12 @@ class ClassificationCollator:
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression
                                        else torch.long)
         return batch
+
+
+# Keys the training loader adds to a batch for loss normalisation; not model inputs.
+BOOKKEEPING_KEYS = ("num_targets", "num_global_targets")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without the loader's bookkeeping keys: what a model's forward takes."""
+    return {key: value for key, value in batch.items() if key not in BOOKKEEPING_KEYS}

@@ -13,7 +13,7 @@ behind a result never change silently. :func:`find_file` looks for a file, in or
 checks the first copy it finds, and otherwise downloads the file into the cache.
 
 The loaders return plain Python data (lists of strings and tuples); tokenising and
-batching are :mod:`tutorial_lib.tokenization` and :mod:`tutorial_lib.batching`.
+batching are :mod:`tutorial_lib.data.tokenization` and :mod:`tutorial_lib.data.batching`.
 
 WikiText-2's ``train.txt`` has no known sha256 (the offline copy lacks it). Its
 registry entry carries instead the git blob id the file has in ``pytorch/examples``
@@ -92,7 +92,7 @@ REGISTRY: dict[str, DataFile] = {entry.relpath: entry for entry in (
 )}
 
 # The directory that contains the tutorial_lib package: the repository in a checkout.
-_REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+_REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .model import IGNORE_INDEX
+from tutorial_lib.core.model import IGNORE_INDEX
 
 
 def fixed_batches(examples: Sequence[Any], collate_fn: Callable, batch_size: int,

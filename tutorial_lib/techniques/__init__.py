@@ -1,0 +1,10 @@
+"""Techniques: one module per technique of the book, each importing only the core, the
+data layer and (where it builds on one) another technique.
+
+* :mod:`tutorial_lib.techniques.adversarial`: chapter 1, embedding-space adversarial
+  training (FGM, PGD, FreeLB, VAT, ALUM/SMART);
+* :mod:`tutorial_lib.techniques.deberta`: chapter 3, disentangled attention, the
+  relative table, the enhanced mask decoder;
+* :mod:`tutorial_lib.techniques.extrapolation`: chapter 5, length extrapolation
+  (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions).
+"""
