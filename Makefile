@@ -43,10 +43,7 @@ unit: setup
 # a CPU) and cached in ~/.cache/tutorial_lib (or $$TUTORIAL_LIB_CACHE); never committed.
 # Then the fine-tuning studies the chapters report (numbers only), cached the same way.
 baseline: setup
-	$(BIN)/python -m tutorial_lib.pretrained cpu
-	$(BIN)/python -m tutorial_lib.finetune
-	$(BIN)/python -m tutorial_lib.position_study
-	$(BIN)/python -m tutorial_lib.lengthstudy
+	$(BIN)/python -m tutorial_lib.studies
 
 notebooks-check: setup
 	@if ls chapters/*.ipynb labs/*.ipynb >/dev/null 2>&1; then \

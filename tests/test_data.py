@@ -1,13 +1,18 @@
-"""Data files: search order, checksums, atomic downloads (faked, offline), loaders."""
+"""Data files: search order, checksums, downloads through pooch (faked, offline), loaders."""
 
 import hashlib
 import os
+from pathlib import Path
 
+import pooch
 import pytest
+import requests
 
 from tutorial_lib.data import files as data
 
 CONTENT = b"line one\nline two\n"
+# The real default downloader, before the autouse fixture below replaces it.
+DOWNLOAD_URL = data.download_url
 
 
 def entry_for(content, relpath="fake/file.txt", **overrides):
@@ -20,7 +25,7 @@ def entry_for(content, relpath="fake/file.txt", **overrides):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """No network, no user cache, no TUTORIAL_LIB_DATA, and a cwd with no shared/ above it."""
-    def no_network(url, destination):
+    def no_network(url, output_file, pooch_instance=None):
         pytest.fail(f"a test tried to download {url}")
     monkeypatch.setattr(data, "download_url", no_network)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -152,40 +157,126 @@ def test_shared_wikitext_valid_has_the_manifest_checksum():
         data.REGISTRY["wikitext-2/valid.txt"].sha256
 
 
-# --- downloads (faked) --------------------------------------------------------------------
+# --- downloads (through pooch, with a faked downloader) -----------------------------------
 
-def test_download_writes_verified_file_into_the_cache(fake_file, tmp_path):
-    requested = []
+def cached(tmp_path, relpath="fake/file.txt"):
+    return tmp_path / "cache" / "tutorial_lib" / "data" / relpath
 
-    def fake_downloader(url, destination):
-        requested.append(url)
-        assert destination.parent == tmp_path / "cache" / "tutorial_lib" / "data" / "fake"
-        destination.write_bytes(CONTENT)
 
-    path = data.find_file("fake/file.txt", downloader=fake_downloader)
-    assert requested == [fake_file.url]
-    assert path == tmp_path / "cache" / "tutorial_lib" / "data" / "fake" / "file.txt"
+def writing(content, calls=None):
+    """A pooch downloader that writes ``content`` and records what pooch passed it."""
+    def downloader(url, output_file, pooch_instance):
+        if calls is not None:
+            calls.append((url, Path(output_file), pooch_instance))
+        Path(output_file).write_bytes(content)
+    return downloader
+
+
+def test_pooch_registry_carries_sha256_hashes_pinned_urls_and_the_cache():
+    pup = data.pooch_for()
+    assert isinstance(pup, pooch.Pooch)
+    assert pup.abspath == data.cache_dir()
+    valid = data.REGISTRY["wikitext-2/valid.txt"]
+    assert pup.registry["wikitext-2/valid.txt"] == "sha256:" + valid.sha256
+    assert pup.get_url("wikitext-2/valid.txt") == valid.url
+    # pooch cannot check a git blob id: train.txt is fetched with known_hash=None
+    # and checked by our code (see the git-blob tests below)
+    assert pup.registry["wikitext-2/train.txt"] is None
+    assert set(pup.registry) == set(data.REGISTRY)
+    assert set(data.pooch_for(verify=False).registry.values()) == {None}
+
+
+def test_download_goes_through_pooch_into_the_cache_and_is_verified(fake_file, tmp_path):
+    calls = []
+    path = data.find_file("fake/file.txt", downloader=writing(CONTENT, calls))
+    [(url, output_file, pup)] = calls
+    assert url == fake_file.url
+    # pooch called us with itself, holding the registered hash it then checked ...
+    assert isinstance(pup, pooch.Pooch)
+    assert pup.registry == {"fake/file.txt": "sha256:" + fake_file.sha256}
+    # ... and a temporary file in the cache folder, renamed into place once checked
+    assert output_file.parent == cached(tmp_path).parent and output_file != cached(tmp_path)
+    assert path == cached(tmp_path)
     assert path.read_bytes() == CONTENT
     assert sorted(p.name for p in path.parent.iterdir()) == ["file.txt"]
     # found in the cache the second time, no second download
-    assert data.find_file("fake/file.txt", downloader=fake_downloader) == path
-    assert len(requested) == 1
+    assert data.find_file("fake/file.txt", downloader=writing(CONTENT, calls)) == path
+    assert len(calls) == 1
 
 
-def test_corrupted_download_is_deleted_and_reported(fake_file, tmp_path):
-    def corrupting_downloader(url, destination):
-        destination.write_bytes(CONTENT[::-1])
+def test_module_download_url_is_the_default_downloader(fake_file, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(data, "download_url", writing(CONTENT, calls))
+    assert data.find_file("fake/file.txt") == cached(tmp_path)
+    assert [url for url, _, _ in calls] == [fake_file.url]
 
+
+def test_download_url_uses_poochs_http_downloader_with_a_progress_bar(monkeypatch, tmp_path):
+    made = []
+
+    class FakeHTTPDownloader:
+        def __init__(self, **options):
+            made.append(options)
+
+        def __call__(self, url, output_file, pooch_instance):
+            Path(output_file).write_bytes(url.encode())
+
+    monkeypatch.setattr(pooch, "HTTPDownloader", FakeHTTPDownloader)
+    DOWNLOAD_URL("https://example.invalid/x", tmp_path / "x", None, timeout=5.0)
+    assert made == [{"progressbar": True, "timeout": 5.0}]
+    assert (tmp_path / "x").read_bytes() == b"https://example.invalid/x"
+
+
+def test_corrupted_download_is_rejected_deleted_and_reported(fake_file, tmp_path):
     with pytest.raises(data.ChecksumError) as error:
-        data.find_file("fake/file.txt", downloader=corrupting_downloader)
-    assert fake_file.url in str(error.value) and fake_file.sha256 in str(error.value)
-    folder = tmp_path / "cache" / "tutorial_lib" / "data" / "fake"
-    assert list(folder.iterdir()) == []  # neither the target nor the temporary file
+        data.find_file("fake/file.txt", downloader=writing(CONTENT[::-1]))
+    message = str(error.value)
+    assert fake_file.url in message and fake_file.sha256 in message
+    assert "fake/file.txt" in message
+    assert hashlib.sha256(CONTENT[::-1]).hexdigest() in message
+    assert list(cached(tmp_path).parent.iterdir()) == []  # neither target nor temporary file
 
 
-def test_offline_error_names_the_file_checksum_places_and_remedies(fake_file, tmp_path):
-    def offline_downloader(url, destination):
-        raise OSError("Temporary failure in name resolution")
+@pytest.fixture
+def blob_only_file(monkeypatch):
+    """An entry like WikiText-2's train.txt: a git blob id, no size, no sha256."""
+    blob_id = hashlib.sha1(b"blob %d\0" % len(CONTENT) + CONTENT).hexdigest()
+    entry = entry_for(CONTENT, size=None, sha256=None, git_blob_sha1=blob_id)
+    monkeypatch.setitem(data.REGISTRY, entry.relpath, entry)
+    return entry
+
+
+def test_git_blob_entry_is_downloaded_unhashed_by_pooch_then_checked_by_us(blob_only_file,
+                                                                           tmp_path):
+    calls = []
+    path = data.find_file("fake/file.txt", downloader=writing(CONTENT, calls))
+    [(_, output_file, pup)] = calls
+    assert pup.registry == {"fake/file.txt": None}  # pooch's known_hash=None
+    assert output_file != path  # checked before pooch renamed it into the cache
+    assert path == cached(tmp_path) and path.read_bytes() == CONTENT
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.txt"]
+
+
+def test_git_blob_mismatch_rejects_and_deletes_the_download(blob_only_file, tmp_path):
+    with pytest.raises(data.ChecksumError) as error:
+        data.find_file("fake/file.txt", downloader=writing(CONTENT.upper()))
+    message = str(error.value)
+    assert blob_only_file.url in message and blob_only_file.git_blob_sha1 in message
+    assert list(cached(tmp_path).parent.iterdir()) == []
+    # verify=False is the explicit way to take it anyway
+    taken = data.find_file("fake/file.txt", downloader=writing(CONTENT.upper()), verify=False)
+    assert taken.read_bytes() == CONTENT.upper()
+
+
+@pytest.mark.parametrize("failure", [
+    OSError("Temporary failure in name resolution"),
+    requests.exceptions.ConnectionError("Temporary failure in name resolution"),
+    requests.exceptions.HTTPError("404 Client Error: Not Found (name resolution)"),
+], ids=["oserror", "requests-connection", "requests-http"])
+def test_offline_error_names_the_file_checksum_places_and_remedies(fake_file, tmp_path,
+                                                                   failure):
+    def offline_downloader(url, output_file, pooch_instance):
+        raise failure
 
     with pytest.raises(data.DataNotFoundError) as error:
         data.find_file("fake/file.txt", downloader=offline_downloader)
@@ -195,7 +286,14 @@ def test_offline_error_names_the_file_checksum_places_and_remedies(fake_file, tm
         assert str(place) in message
     assert "name resolution" in message
     assert "TUTORIAL_LIB_DATA" in message and fake_file.url in message
-    assert not (tmp_path / "cache" / "tutorial_lib" / "data" / "fake" / "file.txt").exists()
+    assert str(cached(tmp_path)) in message
+    assert not cached(tmp_path).exists()
+    assert not cached(tmp_path).parent.exists() or list(cached(tmp_path).parent.iterdir()) == []
+
+
+def test_offline_error_for_a_git_blob_entry_names_its_blob_id(blob_only_file):
+    with pytest.raises(data.DataNotFoundError, match=blob_only_file.git_blob_sha1):
+        data.find_file("fake/file.txt", download=False)
 
 
 def test_download_false_never_calls_the_downloader(fake_file):
@@ -207,10 +305,10 @@ def test_download_false_never_calls_the_downloader(fake_file):
 def test_download_without_any_checksum_is_refused_unless_verify_false(monkeypatch):
     entry = entry_for(CONTENT, size=None, sha256=None)
     monkeypatch.setitem(data.REGISTRY, entry.relpath, entry)
-    writer = lambda url, destination: destination.write_bytes(CONTENT)  # noqa: E731
     with pytest.raises(data.ChecksumError, match="verify=False"):
-        data.find_file(entry.relpath, downloader=writer)
-    assert data.find_file(entry.relpath, downloader=writer, verify=False).read_bytes() == CONTENT
+        data.find_file(entry.relpath, downloader=writing(CONTENT))
+    taken = data.find_file(entry.relpath, downloader=writing(CONTENT), verify=False)
+    assert taken.read_bytes() == CONTENT
 
 
 # --- loaders ------------------------------------------------------------------------------

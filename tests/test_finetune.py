@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tutorial_lib.techniques import adversarial as adv
+from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import finetune
 from tutorial_lib.studies import baseline as pretrained
 from tutorial_lib.training.evaluation import classification_metrics
@@ -112,15 +113,15 @@ def test_command_line_runs_a_study_then_finds_it(baseline, tmp_path, monkeypatch
     pretrained.baseline_mlm(BASELINE, cache_dir=cache)
     study = finetune.Study(name="cli", methods=(("plain", None),), seeds=(0,), epsilons=(0.0,),
                            recipe=RECIPE, baseline=BASELINE)
-    monkeypatch.setattr(finetune, "STUDIES", {"cli": study})
-    assert finetune.main(["cli", "--cache-dir", str(cache)]) == 0
+    monkeypatch.setitem(finetune.STUDIES, "adversarial-sst2", study)
+    assert studies_cli.main(["adversarial", "--cache-dir", str(cache)]) == 0
     assert "ran now" in capsys.readouterr().out
-    assert finetune.main(["--cache-dir", str(cache)]) == 0
+    assert studies_cli.main(["adversarial", "--cache-dir", str(cache)]) == 0
     assert "found in the cache" in capsys.readouterr().out
     summary = json.loads(next(cache.glob("study-cli-*/COMPLETE")).read_text())
     assert summary["runs"] == ["plain-seed0.json"]
     with pytest.raises(SystemExit):
-        finetune.main(["no-such-study", "--cache-dir", str(cache)])
+        studies_cli.main(["adversarial", "--scale", "gpu", "--cache-dir", str(cache)])
 
 
 def test_worker_processes_give_the_same_numbers_as_one_process(baseline, tmp_path):

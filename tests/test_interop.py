@@ -75,6 +75,50 @@ def test_masked_lm_matches_bert_for_masked_lm():
     assert ours.output_weight is None
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_masked_lm_decoder_weight_and_bias_are_the_ones_hugging_face_uses(tied):
+    """The logits use ``cls.predictions.decoder``'s weight and bias, tied or not.
+
+    Untied, transformers ties neither the weight to the embeddings nor ``decoder.bias`` to
+    ``cls.predictions.bias`` (which forward never reads): all three are perturbed apart so
+    that copying the wrong one shows in the logits.
+    """
+    torch.manual_seed(4)
+    hf = transformers.BertForMaskedLM(hf_config(tie_word_embeddings=tied)).eval()
+    enlarge_positions(hf)
+    predictions = hf.cls.predictions
+    embeddings = hf.bert.embeddings.word_embeddings.weight
+    assert (predictions.decoder.weight is embeddings) == tied
+    assert (predictions.decoder.bias is predictions.bias) == tied
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        predictions.decoder.weight.add_(0.5 * torch.randn(embeddings.shape, generator=generator))
+        predictions.decoder.bias.add_(torch.randn(predictions.bias.shape, generator=generator))
+        if not tied:
+            predictions.bias.add_(torch.randn(predictions.bias.shape, generator=generator))
+            assert not torch.allclose(predictions.decoder.weight, embeddings, atol=0.1)
+            assert not torch.allclose(predictions.decoder.bias, predictions.bias, atol=0.1)
+    ours = from_hf(hf)
+    assert (ours.output_weight is None) == tied
+    if not tied:
+        assert torch.equal(ours.output_weight, predictions.decoder.weight)
+    assert torch.equal(ours.output_bias, predictions.decoder.bias)
+    ids, mask, types = padded_batch(seed=4)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        got = ours(ids, mask, types).logits
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_a_decoder_that_differs_from_tied_embeddings_is_refused():
+    torch.manual_seed(5)
+    hf = transformers.BertForMaskedLM(hf_config(tie_word_embeddings=False)).eval()
+    hf.config.tie_word_embeddings = True  # says tied, but the decoder has its own matrix
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        from_hf(hf)
+
+
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_sequence_classifier_matches(num_labels):
     torch.manual_seed(2)

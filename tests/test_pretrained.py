@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
 from tutorial_lib.training.checkpoint import load_weights
 
@@ -54,11 +55,13 @@ def test_recipe_key_changes_with_the_recipe_and_bad_names_are_refused():
 
 def test_command_line_builds_then_finds_the_entry(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(pretrained.RECIPES, "cpu", SMALL)
-    assert pretrained.main(["cpu", "--cache-dir", str(tmp_path)]) == 0
+    assert studies_cli.main(["baseline", "--cache-dir", str(tmp_path)]) == 0
     first = capsys.readouterr().out
-    assert "trained now" in first and "accuracy" in first
-    assert pretrained.main(["--cache-dir", str(tmp_path)]) == 0
+    assert "ran now" in first and "accuracy" in first
+    assert studies_cli.main(["baseline", "--scale", "cpu", "--cache-dir", str(tmp_path)]) == 0
     assert "found in the cache" in capsys.readouterr().out
     assert len(list(tmp_path.glob("baseline-mlm-*"))) == 1
     with pytest.raises(SystemExit):
-        pretrained.main(["tpu"])
+        studies_cli.main(["baseline", "--scale", "tpu"])
+    with pytest.raises(SystemExit):
+        studies_cli.main(["no-such-study"])

@@ -15,23 +15,51 @@ checks the first copy it finds, and otherwise downloads the file into the cache.
 The loaders return plain Python data (lists of strings and tuples); tokenising and
 batching are :mod:`tutorial_lib.data.tokenization` and :mod:`tutorial_lib.data.batching`.
 
-WikiText-2's ``train.txt`` has no known sha256 (the offline copy lacks it). Its
-registry entry carries instead the git blob id the file has in ``pytorch/examples``
-(the SHA-1 of ``b"blob <size>\\0" + content``, the id ``git hash-object`` prints);
-a download is checked against that id. An entry with neither digest is refused
-unless the caller passes ``verify=False``.
+What pooch does and what stays ours
+-----------------------------------
+Downloading is done by `pooch <https://www.fatiando.org/pooch>`_, the fetcher most
+scientific Python packages use: :func:`pooch_for` turns :data:`REGISTRY` into a
+``pooch.Pooch`` (file name -> ``sha256:`` hash, file name -> URL) rooted at
+:func:`cache_dir`, and its ``fetch`` streams the file over HTTP with a progress bar
+into a temporary file in the cache folder, checks the hash, and only then renames it
+into place (deleting it on a mismatch), so an interrupted or corrupt download never
+leaves a file behind. Those are the parts every project needs and gets subtly wrong
+(atomic replacement, clean-up, HTTP errors, progress), so we do not keep our own copy.
+
+Two things stay here, because pooch has no notion of them:
+
+* the local-first search above. Pooch knows one folder (its cache) and one
+  environment variable that *replaces* that folder; the book instead reads a copy
+  shipped beside the repository or in ``$TUTORIAL_LIB_DATA`` first, and never writes
+  there. So :func:`find_file` searches, verifies a local copy with
+  :func:`verify_file`, and calls pooch only when nothing was found;
+* the git-blob check. WikiText-2's ``train.txt`` has no known sha256 (the offline copy
+  lacks it). Its registry entry carries instead the git blob id the file has in
+  ``pytorch/examples`` (the SHA-1 of ``b"blob <size>\\0" + content``, the id
+  ``git hash-object`` prints). Pooch's ``known_hash`` accepts ``sha256:``, ``md5:``,
+  ``sha1:`` ... of the raw bytes, not this salted SHA-1, and a git blob id cannot be
+  converted into any of them without the file. Such an entry is therefore given to
+  pooch with ``known_hash=None`` (pooch checks nothing), and the downloader we hand
+  pooch checks the git blob id of the temporary file with :func:`verify_file` before
+  pooch renames it into the cache; on a mismatch it raises :class:`ChecksumError` and
+  pooch deletes the temporary file. The file is thus verified before it is accepted,
+  exactly as a sha256 entry is, only by our code rather than pooch's.
+
+An entry with neither digest is refused unless the caller passes ``verify=False``.
+The downloader is a seam: :func:`find_file` takes ``downloader=`` (pooch's downloader
+protocol, ``downloader(url, output_file, pooch)``) and defaults to the module-level
+:func:`download_url`, which tests replace to stay offline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+import pooch
 
 
 class ChecksumError(Exception):
@@ -169,11 +197,23 @@ def verify_file(path: Path, entry: DataFile) -> None:
 # Finding and downloading
 # ---------------------------------------------------------------------------
 
-def download_url(url: str, destination: Path, *, timeout: float = 60.0) -> None:
-    """Write the bytes at ``url`` to ``destination`` (plain urllib, no retries)."""
-    with urllib.request.urlopen(url, timeout=timeout) as response, \
-            open(destination, "wb") as stream:
-        shutil.copyfileobj(response, stream, 1 << 20)
+# pooch's downloader protocol: downloader(url, output_file, pooch_instance), where
+# output_file is the path of pooch's temporary file (a str) and pooch_instance is the
+# calling pooch.Pooch (None when called outside one).
+Downloader = Callable[[str, str, Optional[pooch.Pooch]], None]
+
+
+def download_url(url: str, output_file: str | Path, pooch_instance: pooch.Pooch | None = None,
+                 *, timeout: float = 60.0, progressbar: bool = True) -> None:
+    """Write the bytes at ``url`` to ``output_file`` with pooch's HTTP downloader.
+
+    This is the default ``downloader`` of :func:`find_file` (pooch calls it with its
+    temporary file and itself); tests replace it to stay offline. A progress bar is
+    shown on stderr; a network failure raises a ``requests`` exception, which is an
+    :class:`OSError`.
+    """
+    pooch.HTTPDownloader(progressbar=progressbar, timeout=timeout)(
+        url, str(output_file), pooch_instance)
 
 
 def _registered(relpath: str) -> DataFile:
@@ -183,17 +223,48 @@ def _registered(relpath: str) -> DataFile:
     return REGISTRY[relpath]
 
 
+def _known_hash(entry: DataFile) -> str | None:
+    """The hash pooch can check for ``entry``: its sha256, else None (see the module notes)."""
+    return f"sha256:{entry.sha256}" if entry.sha256 is not None else None
+
+
+def pooch_for(registry: dict[str, DataFile] | None = None, *,
+              verify: bool = True) -> pooch.Pooch:
+    """A ``pooch.Pooch`` over ``registry`` (default :data:`REGISTRY`) rooted at :func:`cache_dir`.
+
+    Each file maps to ``"sha256:<digest>"``, or to ``None`` when only a git blob id is
+    registered (or ``verify=False``); URLs are the pinned ones. It is built on each call,
+    so a changed ``$XDG_CACHE_HOME`` or registry entry is honoured.
+    """
+    registry = REGISTRY if registry is None else registry
+    return pooch.create(
+        path=cache_dir(), base_url="",
+        registry={relpath: _known_hash(entry) if verify else None
+                  for relpath, entry in registry.items()},
+        urls={relpath: entry.url for relpath, entry in registry.items()},
+        retry_if_failed=0)
+
+
+def _checksum_description(entry: DataFile) -> str:
+    if entry.sha256 is not None:
+        return f"sha256 {entry.sha256}"
+    if entry.git_blob_sha1 is not None:
+        return f"git blob id {entry.git_blob_sha1}, sha256 not registered"
+    return "no checksum registered"
+
+
 def find_file(relpath: str, *, download: bool = True, verify: bool = True,
-              downloader: Callable[[str, Path], None] | None = None) -> Path:
+              downloader: Downloader | None = None) -> Path:
     """Path of the registered file ``relpath`` (e.g. ``"wikitext-2/valid.txt"``).
 
     The first copy found in :func:`search_locations` is checked (size, then digest;
     repeated calls on an unchanged file are free) and a mismatch raises
     :class:`ChecksumError` rather than falling through to another copy. With nothing
-    found and ``download=True``, the file is fetched into :func:`cache_dir` by
-    ``downloader(url, temporary_path)`` (default :func:`download_url`), checked, and
-    only then moved into place, so an interrupted or corrupt download never leaves a
-    file behind. Raises :class:`DataNotFoundError` when that is impossible.
+    found and ``download=True``, pooch fetches the file into :func:`cache_dir` through
+    ``downloader(url, output_file, pooch)`` (default :func:`download_url`): it lands in
+    a temporary file, is checked (sha256 by pooch, a git blob id by us), and only then
+    is renamed into place, so an interrupted or corrupt download never leaves a file
+    behind. Raises :class:`DataNotFoundError` when that is impossible.
     ``verify=False`` skips every check.
     """
     entry = _registered(relpath)
@@ -210,36 +281,38 @@ def find_file(relpath: str, *, download: bool = True, verify: bool = True,
                                 "not be verified; pass verify=False to download it unverified")
         try:
             return _download(entry, downloader or download_url, verify)
-        except OSError as error:  # urllib's URLError and socket timeouts are OSErrors
+        except OSError as error:  # requests' exceptions and socket timeouts are OSErrors
             failure = f"downloading {entry.url} failed: {error}"
     searched = "\n".join(f"  {path}" for path in locations)
     raise DataNotFoundError(
-        f"{relpath} (sha256 {entry.sha256 or 'not registered'}) was not found; searched:\n"
+        f"{relpath} ({_checksum_description(entry)}) was not found; searched:\n"
         f"{searched}\n{failure}.\nTo provide it, set TUTORIAL_LIB_DATA to a folder that "
         f"contains {relpath}, or save {entry.url} as {cache_dir() / relpath}.")
 
 
-def _download(entry: DataFile, downloader: Callable[[str, Path], None], verify: bool) -> Path:
-    target = cache_dir() / entry.relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file in the target's own folder makes os.replace an atomic rename:
-    # a concurrent reader sees either no file or the whole, verified file.
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".",
-                                         suffix=".part")
-    os.close(handle)
+def _download(entry: DataFile, downloader: Downloader, verify: bool) -> Path:
+    """Fetch ``entry`` into the cache with pooch; sha256 checked by pooch, a git blob id here."""
+
+    def download_and_check(url: str, output_file: str, pooch_instance: pooch.Pooch) -> None:
+        downloader(url, output_file, pooch_instance)
+        # pooch checks the sha256 (its known_hash) after we return. For an entry with
+        # only a git blob id pooch's known_hash is None, so we check the temporary file
+        # here, before pooch renames it into the cache; raising makes pooch delete it.
+        if verify and entry.sha256 is None:
+            verify_file(Path(output_file), entry)
+
     try:
-        downloader(entry.url, Path(temporary))
-        if verify:
-            try:
-                verify_file(Path(temporary), entry)
-            except ChecksumError as error:
-                raise ChecksumError(f"the download from {entry.url} failed its check "
-                                    f"and was deleted: {error}") from None
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return target
+        fetched = pooch_for({entry.relpath: entry}, verify=verify).fetch(
+            entry.relpath, downloader=download_and_check)
+    except ChecksumError as error:
+        raise ChecksumError(f"the download from {entry.url} failed its check "
+                            f"and was deleted: {error}") from None
+    except OSError:
+        raise
+    except ValueError as error:  # pooch's hash mismatch (the temporary file is deleted)
+        raise ChecksumError(f"the download from {entry.url} failed its check "
+                            f"and was deleted: {entry.relpath}: {error}") from None
+    return Path(fetched)
 
 
 def _read_text(relpath: str, download: bool) -> str:

@@ -203,37 +203,3 @@ def load_baseline_encoder_into(model: torch.nn.Module, baseline: Baseline) -> to
                          f"{model.config.diff(baseline.model.config)}")
     model.encoder.load_state_dict(baseline.model.encoder.state_dict())
     return model
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.studies.baseline [cpu|gpu]``: build (or find) a cached baseline.
-
-    The book's test run calls this once before executing the notebooks, so the
-    chapters load the baseline instead of each paying for its training.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.baseline",
-                                     description="Build the book's baseline MLM and cache it.")
-    parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES),
-                        help="which recipe to build (default: cpu)")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="train again even if the cache has an entry")
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache folder (default: $TUTORIAL_LIB_CACHE or ~/.cache/tutorial_lib/models)")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    args = parser.parse_args(argv)
-    baseline = baseline_mlm(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                            progress=args.progress)
-    last = [r for r in baseline.history if r.get("event") == "eval"][-1]
-    built = json.loads((baseline.path / _COMPLETE).read_text())
-    state = (f"trained now in {built['build_seconds']:.0f} s" if baseline.trained_now
-             else f"found in the cache (built in {built['build_seconds']:.0f} s)")
-    print(f"baseline {args.recipe!r} {state}: {baseline.path}")
-    print(f"test MLM loss {last['mlm_loss']:.3f}, accuracy {last['mlm_accuracy']:.3f} "
-          f"after {last['step']} updates")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,8 +40,8 @@ from tutorial_lib.data.batching import ClassificationCollator, classification_ex
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
 from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies.baseline import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
-from tutorial_lib.studies.harness import (COMPLETE, add_build_arguments, build_message, build_study_entry,
-                      check_workers, safe_name, write_json_atomic)
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, safe_name,
+                                          write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -322,29 +322,3 @@ def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index:
     return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
             + " ".join(f"{a:.3f}" for a in curve)
             + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.studies.finetune STUDY ...``: build (or find) cached studies."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.finetune",
-                                     description="Run the book's fine-tuning studies and cache them.")
-    parser.add_argument("studies", nargs="*", metavar="STUDY",
-                        help=f"which studies to run, of {sorted(STUDIES)} (default: all)")
-    add_build_arguments(parser, workers=2)
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.studies) - set(STUDIES))
-    if unknown:
-        parser.error(f"unknown study {unknown}; choose from {sorted(STUDIES)}")
-    for name in args.studies or sorted(STUDIES):
-        started = time.perf_counter()
-        result = run_study(name, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                           workers=args.workers, log=lambda message: print(message, flush=True))
-        print(build_message(f"study {name!r}", result.built_now,
-                            time.perf_counter() - started, result.path))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

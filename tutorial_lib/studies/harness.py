@@ -54,18 +54,6 @@ def run_with_one_thread(function: Callable[..., str], *args) -> str:
         torch.set_num_threads(threads)
 
 
-def add_build_arguments(parser, workers: int) -> None:
-    """The command-line options every study shares: ``--rebuild``, ``--workers``,
-    ``--cache-dir``."""
-    parser.add_argument("--rebuild", action="store_true", help="run again even if cached")
-    parser.add_argument("--workers", type=int, default=workers,
-                        help=f"processes running side by side, one CPU thread each "
-                             f"(default: {workers})")
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache folder (default: $TUTORIAL_LIB_CACHE or "
-                             "~/.cache/tutorial_lib/models)")
-
-
 def build_message(what: str, built_now: bool, seconds: float, path: Path) -> str:
     """The line a study's command prints once its entry exists."""
     state = f"ran now in {seconds:.0f} s" if built_now else "found in the cache"

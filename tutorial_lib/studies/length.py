@@ -45,8 +45,8 @@ from tutorial_lib.core.config import TransformerConfig
 from tutorial_lib.techniques.extrapolation import evenly_spaced_positions, random_positions
 from tutorial_lib.core.model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
 from tutorial_lib.studies.baseline import models_cache_dir
-from tutorial_lib.studies.harness import (COMPLETE, add_build_arguments, build_message, build_study_entry,
-                      check_workers, write_json_atomic)
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
+                                          write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, count_shifted_targets, seed_everything, train
 
 # -- recipe ----------------------------------------------------------------------------
@@ -548,24 +548,3 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
     curves = {name: curves[name] for name in order if name in curves}
     return LengthStudyResult(recipe, recipe.test_lengths, curves, masked, seconds, entry,
                              built_now)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.studies.length [cpu|gpu]``: build (or find) the cached study."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.length",
-                                     description="Run chapter 5's length study and cache it.")
-    parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(LENGTH_RECIPES))
-    add_build_arguments(parser, workers=2)
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    result = run_length_study(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                              workers=args.workers, log=lambda message: print(message, flush=True))
-    print(build_message(f"length study {args.recipe!r}", result.built_now,
-                        time.perf_counter() - started, result.path))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

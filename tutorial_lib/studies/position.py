@@ -43,8 +43,7 @@ from tutorial_lib.techniques.deberta import EnhancedMaskDecoder, RelativePositio
 from tutorial_lib.core.model import MaskedLM
 from tutorial_lib.studies.baseline import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
                          pretrain_mlm)
-from tutorial_lib.studies.harness import (add_build_arguments, build_message, build_study_entry, check_workers,
-                      safe_name)
+from tutorial_lib.studies.harness import (build_study_entry, check_workers, safe_name)
 from tutorial_lib.training.loop import seed_everything
 
 VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
@@ -154,28 +153,3 @@ def _train_variant(recipe: str | BaselineRecipe, cache_dir, variant: str, stagin
             if '"eval"' in line][-1]
     return (f"{variant:20s}: test MLM loss {last['mlm_loss']:.3f}, accuracy "
             f"{last['mlm_accuracy']:.3f} ({seconds:.0f} s)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tutorial_lib.studies.position [cpu]``: build (or find) the cached study."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tutorial_lib.studies.position",
-                                     description="Chapter 3's position study, cached.")
-    parser.add_argument("recipe", nargs="?", default="cpu", choices=sorted(RECIPES))
-    add_build_arguments(parser, workers=3)
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    study = position_study(args.recipe, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                           workers=args.workers, log=lambda m: print(m, flush=True))
-    print(build_message(f"position study {args.recipe!r}", study.built_now,
-                        time.perf_counter() - started, study.path))
-    for variant in VARIANTS:
-        final = study.final(variant)
-        print(f"{variant:20s}: test MLM loss {final['mlm_loss']:.3f}, accuracy "
-              f"{final['mlm_accuracy']:.3f} after {final['step']} updates")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,23 @@
 """Adversarial training in embedding space: FGM, PGD, FreeLB, VAT and ALUM/SMART.
 
-Every method perturbs the output of one embedding module by a tensor ``δ`` of shape
-``(batch, seq, hidden)`` through a forward hook, so it works with any model of the
-library (and any model converted from Hugging Face) without editing it:
+Every method perturbs the output of one module, its *perturbation site*, by a tensor
+``δ`` of shape ``(batch, seq, hidden)`` through a forward hook, so it works with any
+model of the library (and any model converted from Hugging Face) without editing it.
+A method's ``where`` names the site; the registry :data:`SITES` maps each name to a
+function ``locate(model) -> nn.Module`` that finds the module in a model. Built in:
 
 * ``where="word_embeddings"``: ``δ`` is added to the token embeddings, before the
   positions, token types and LayerNorm (FGM, PGD and FreeLB as their papers do it);
+* ``where="embedding_sum"``: ``δ`` is added to the sum of the token, position and
+  token-type embeddings, just before the embedding LayerNorm
+  (``Embeddings.embedding_sum``). For an additive ``δ`` this is the same as
+  ``"word_embeddings"``; it is the site for a technique that transforms the sum itself
+  (SiFT normalises it before perturbing);
 * ``where="embedding_output"``: ``δ`` is added to what the embedding layer hands to
   the first block, after LayerNorm and dropout (ALUM and SMART).
+
+A technique adds a site with :func:`register_perturbation_site` (``name`` and
+``locate``); every method then accepts ``where=name``.
 
 Each method is a *loss step* for :func:`tutorial_lib.training.loop.train`: called as
 ``method(model, batch)``, it returns ``(loss, logs)``, and one ``loss.backward()``
@@ -32,31 +42,80 @@ from torch import nn
 
 from tutorial_lib.data.batching import model_inputs
 
-SITES = ("word_embeddings", "embedding_output")
 NORMS = ("l2", "linf")
 PROJECTIONS = ("paper", "code")
 
 
 # -- where the perturbation goes -------------------------------------------------------
 
-def perturbation_site(model: nn.Module, where: str) -> nn.Module:
-    """The module whose output ``δ`` is added to."""
-    if where not in SITES:
-        raise ValueError(f"where must be one of {SITES}, got {where!r}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # the hook goes on the wrapped model's module
+# The perturbation sites by name: ``locate(model)`` returns the module whose output δ
+# is added to (``model`` is never a DistributedDataParallel wrapper). Filled below and
+# by register_perturbation_site; iterating it gives the names, in registration order.
+SITES: dict[str, Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_perturbation_site(name: str, locate: Callable[[nn.Module], nn.Module]):
+    """Make ``where=name`` add ``δ`` to the output of the module ``locate(model)``.
+
+    That output must have the shape of ``δ``, (batch, seq, hidden). Returns ``locate``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not callable(locate):
+        raise TypeError(f"locate must be callable as locate(model) -> nn.Module, "
+                        f"got {type(locate).__name__}")
+    SITES[name] = locate
+    return locate
+
+
+def _check_where(where: str) -> None:
+    if not isinstance(where, str) or where not in SITES:
+        raise ValueError(f"where must be one of {tuple(SITES)}, got {where!r}")
+
+
+def _embeddings(model: nn.Module) -> nn.Module:
+    """``model.encoder.embeddings`` (or ``model.embeddings`` for a bare encoder)."""
     encoder = getattr(model, "encoder", model)
     embeddings = getattr(encoder, "embeddings", None)
     if embeddings is None or not hasattr(embeddings, "word_embeddings"):
         raise TypeError(f"model must be a tutorial_lib model with encoder.embeddings, "
                         f"got {type(model).__name__}")
-    return embeddings.word_embeddings if where == "word_embeddings" else embeddings
+    return embeddings
+
+
+def _embedding_sum(model: nn.Module) -> nn.Module:
+    """The identity module applied to the embedding sum, before the embedding LayerNorm."""
+    site = getattr(_embeddings(model), "embedding_sum", None)
+    if not isinstance(site, nn.Module):
+        raise TypeError(f"model's embeddings have no embedding_sum module (the sum before "
+                        f"the embedding LayerNorm), got {type(model).__name__}")
+    return site
+
+
+register_perturbation_site("word_embeddings", lambda model: _embeddings(model).word_embeddings)
+register_perturbation_site("embedding_output", _embeddings)
+register_perturbation_site("embedding_sum", _embedding_sum)
+
+
+def perturbation_site(model: nn.Module, where: str) -> nn.Module:
+    """The module whose output ``δ`` is added to."""
+    _check_where(where)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # the hook goes on the wrapped model's module
+    site = SITES[where](model)
+    if not isinstance(site, nn.Module):
+        raise TypeError(f"perturbation site {where!r} must locate an nn.Module, "
+                        f"got {type(site).__name__}")
+    return site
 
 
 @contextlib.contextmanager
 def perturbed(model: nn.Module, delta: torch.Tensor, where: str):
     """Inside the block, the site's output is ``output + δ``."""
     def add_delta(module, inputs, output):
+        if not torch.is_tensor(output):
+            raise TypeError(f"the {where} site's output must be a tensor, "
+                            f"got {type(output).__name__}")
         if output.shape != delta.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)}, the {where} output "
                              f"{tuple(output.shape)}")
@@ -183,8 +242,7 @@ def _check_weight(value: float) -> None:
 
 
 def _check_common(where: str, norm: str | None = None) -> None:
-    if where not in SITES:
-        raise ValueError(f"where must be one of {SITES}, got {where!r}")
+    _check_where(where)
     if norm is not None and norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 

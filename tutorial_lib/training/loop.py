@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tutorial_lib.data.batching import BOOKKEEPING_KEYS, model_inputs  # noqa: F401
+from tutorial_lib.data.batching import model_inputs
 from tutorial_lib.training import checkpoint as ckpt
 from tutorial_lib.training import distributed
 
