@@ -5,6 +5,7 @@ import functools
 import pytest
 import smart_pytorch
 import torch
+import torch.nn.functional as F
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -298,3 +299,141 @@ def test_divergences_upcast_half_precision_and_keep_float64():
     assert torch.allclose(exact, (0.5 * (q - p) ** 2 / p).sum(-1).mean(), rtol=1e-4)
     assert adv.kl_divergence(a.bfloat16(), b.bfloat16()).dtype == torch.float32
     assert adv.symmetric_kl(a, b).dtype == torch.float64
+
+
+# -- perturbation sites ----------------------------------------------------------------------
+
+@pytest.fixture
+def feed_forward_site():
+    """A site registered by a test: the first layer's feed-forward output. Yields the
+    models its ``locate`` was called with; the site is removed afterwards."""
+    located = []
+
+    def locate(model):
+        located.append(model)
+        return model.encoder.layers[0].feed_forward
+
+    adv.register_perturbation_site("first_feed_forward", locate)
+    try:
+        yield located
+    finally:
+        adv.SITES.pop("first_feed_forward", None)
+
+
+def test_a_registered_site_is_used_by_fgm(feed_forward_site):
+    model = classifier().eval()
+    batch = make_batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    method = adv.FGM(epsilon=0.5, where="first_feed_forward")
+    loss, logs = method(model, batch)
+    assert feed_forward_site and all(m is model for m in feed_forward_site)
+    site = model.encoder.layers[0].feed_forward
+    assert not site._forward_hooks
+
+    # FGM at that site by hand: δ on the feed-forward output, the step along ∇_δ L.
+    delta = torch.zeros(4, 9, CONFIG.hidden_size, requires_grad=True)
+    handle = site.register_forward_hook(lambda module, i, output: output + delta)
+    clean = model(**inputs).loss
+    handle.remove()
+    (gradient,) = torch.autograd.grad(clean, delta, retain_graph=True)
+    step = (0.5 * gradient / gradient.flatten(1).norm(dim=1)[:, None, None]
+            * adv.token_mask(batch)).detach()
+    handle = site.register_forward_hook(lambda module, i, output: output + step)
+    adversarial = model(**inputs).loss
+    handle.remove()
+    expected = 0.5 * clean + 0.5 * adversarial
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert abs(logs["adv_loss"].item() - adversarial.item()) < 1e-6
+    assert_same_gradients(parameter_gradients(model, loss), parameter_gradients(model, expected),
+                          atol=1e-6)
+    # The site matters: the same attack on the word embeddings gives another loss.
+    elsewhere, _ = adv.FGM(epsilon=0.5)(model, batch)
+    assert abs(elsewhere.item() - loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_embedding_sum_adds_delta_to_the_sum_before_the_layer_norm(norm_position):
+    config = TransformerConfig.preset("tiny", vocab_size=60, hidden_dropout=0.0,
+                                      attention_dropout=0.0, norm_position=norm_position)
+    model = classifier(config=config).eval()
+    batch = make_batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    embeddings = model.encoder.embeddings
+    site = adv.perturbation_site(model, "embedding_sum")
+    assert site is embeddings.embedding_sum
+    ids = batch["input_ids"]
+    delta = (torch.randn(*ids.shape, config.hidden_size, generator=torch.Generator().manual_seed(3))
+             * adv.token_mask(batch))
+
+    # Embeddings.forward by hand: token + position + token type (all type 0), then δ,
+    # then the LayerNorm of a post-LN model (a pre-LN model has none); no dropout in eval.
+    positions = torch.arange(ids.shape[1])[None]
+    total = (embeddings.word_embeddings.weight[ids]
+             + embeddings.position_embeddings.weight[positions]
+             + embeddings.token_type_embeddings.weight[torch.zeros_like(ids)])
+    by_hand = total + delta
+    if norm_position == "post":
+        by_hand = F.layer_norm(by_hand, (config.hidden_size,), embeddings.norm.weight,
+                               embeddings.norm.bias, config.layer_norm_eps)
+    else:
+        assert embeddings.norm is None
+
+    captured = {}
+    handle = site.register_forward_hook(lambda m, i, output: captured.setdefault("sum", output))
+    with torch.no_grad():
+        clean = model(**inputs).loss
+    handle.remove()
+    assert torch.allclose(captured["sum"], total, atol=1e-6)  # the site's output is the sum
+
+    handle = embeddings.register_forward_hook(lambda m, i, output: by_hand)
+    with torch.no_grad():
+        expected = model(**inputs).loss
+    handle.remove()
+    with torch.no_grad():
+        got = adv.forward_with(model, batch, delta, "embedding_sum").loss
+        after_norm = adv.forward_with(model, batch, delta, "embedding_output").loss
+    assert abs(got.item() - expected.item()) < 1e-6
+    assert abs(got.item() - clean.item()) > 1e-4
+    if norm_position == "post":  # the LayerNorm lies between the two sites
+        assert abs(got.item() - after_norm.item()) > 1e-4
+    assert not site._forward_hooks
+
+
+SITE_LIST = r"\('word_embeddings', 'embedding_output', 'embedding_sum'\)"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: adv.perturbation_site(classifier(), "positions"),
+    lambda: adv.forward_with(classifier(), make_batch(), torch.zeros(4, 9, 32), "positions"),
+    lambda: adv.FGM(where="positions"),
+    lambda: adv.PGD(where="positions"),
+    lambda: adv.VAT(where="positions"),
+    lambda: adv.ALUM(where="positions"),
+], ids=["perturbation_site", "forward_with", "FGM", "PGD", "VAT", "ALUM"])
+def test_an_unknown_site_is_refused_naming_where_and_the_sites(call):
+    with pytest.raises(ValueError, match=f"where must be one of {SITE_LIST}, got 'positions'"):
+        call()
+
+
+def test_registered_sites_are_listed_and_bad_registrations_refused(feed_forward_site):
+    with pytest.raises(ValueError, match=r"where must be one of \(.*'first_feed_forward'\)"):
+        adv.FGM(where="nowhere")
+    with pytest.raises(ValueError, match="where must be one of"):
+        adv.perturbation_site(classifier(), ["word_embeddings"])  # not a name
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        adv.register_perturbation_site("", lambda model: model)
+    with pytest.raises(TypeError, match="locate must be callable"):
+        adv.register_perturbation_site("broken", "encoder.embeddings")
+    assert "broken" not in adv.SITES
+    adv.register_perturbation_site("not_a_module", lambda model: model.classifier.weight)
+    adv.register_perturbation_site("first_layer", lambda model: model.encoder.layers[0])
+    try:
+        with pytest.raises(TypeError, match="site 'not_a_module' must locate an nn.Module"):
+            adv.perturbation_site(classifier(), "not_a_module")
+        model = classifier()
+        with pytest.raises(TypeError, match="first_layer site's output must be a tensor"):
+            adv.forward_with(model, make_batch(), torch.zeros(4, 9, 32), "first_layer")
+        assert not model.encoder.layers[0]._forward_hooks
+    finally:
+        adv.SITES.pop("not_a_module", None)
+        adv.SITES.pop("first_layer", None)
