@@ -1,9 +1,16 @@
-"""``python -m tutorial_lib.studies [NAME ...]``: build (or find) the book's studies.
+"""``python -m tutorial_lib.studies [NAME ...] [--record | --check]``: the book's studies.
 
-Every study is cached under ``$TUTORIAL_LIB_CACHE`` (default
-``~/.cache/tutorial_lib/models``) and resumable: an interrupted build keeps its finished
-runs and does only what is missing when run again. Without a name, every study is built,
-the baseline first (the others start from it).
+* no flag: build (or find) the studies' cache entries. Every study is cached under
+  ``$TUTORIAL_LIB_CACHE`` (default ``~/.cache/tutorial_lib/models``) and resumable: an
+  interrupted build keeps its finished runs and does only what is missing when run again;
+* ``--record``: build (or find) them and write their committed records
+  (:mod:`tutorial_lib.studies.records`), which the chapters read;
+* ``--check``: what CI runs. Each record must have been made by the code's recipe, and
+  a fixed sample of it is computed again and compared within the record's tolerance
+  (the baseline and chapter 3's study, whose weights the chapters load, are built in
+  full and compared whole). Exits with 1 on any disagreement.
+
+Without a name, every study, the baseline first (the others start from it).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import argparse
 import time
 from typing import Callable
 
-from tutorial_lib.studies import baseline, finetune, length, position
+from tutorial_lib.studies import baseline, finetune, length, position, pretraining, records
 from tutorial_lib.studies.harness import build_message
 
 
@@ -21,6 +28,14 @@ def _baseline(scale, args, log) -> list[str]:
     last = [r for r in built.history if r.get("event") == "eval"][-1]
     return [f"test MLM loss {last['mlm_loss']:.3f}, accuracy {last['mlm_accuracy']:.3f} "
             f"after {last['step']} updates"], built.trained_now, built.path
+
+
+def _pretraining(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the pre-training study has a CPU recipe only; the GPU run is lab 0's")
+    study, built_now = pretraining.run_pretraining_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], built_now, study.path
 
 
 def _adversarial(scale, args, log):
@@ -48,10 +63,38 @@ def _length(scale, args, log):
     return [], result.built_now, result.path
 
 
+CHECKS = {
+    "baseline": lambda scale, args, log: baseline.check_baseline(scale, cache_dir=args.cache_dir),
+    "pretraining": lambda scale, args, log: pretraining.check_pretraining_study(
+        cache_dir=args.cache_dir, log=log),
+    "adversarial": lambda scale, args, log: finetune.check_study(
+        "adversarial-sst2", cache_dir=args.cache_dir, log=log),
+    "positions": lambda scale, args, log: position.check_position_study(
+        scale, cache_dir=args.cache_dir, workers=args.workers or 3, log=log),
+    "length": lambda scale, args, log: length.check_length_study(scale, log=log),
+}
+RECORDERS = {
+    "baseline": lambda scale, args, log: baseline.record_baseline(
+        scale, cache_dir=args.cache_dir, rebuild=args.rebuild),
+    "pretraining": lambda scale, args, log: pretraining.record_pretraining_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
+    "adversarial": lambda scale, args, log: finetune.record_study(
+        "adversarial-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
+        workers=args.workers or 2, log=log),
+    "positions": lambda scale, args, log: position.record_position_study(
+        scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 3,
+        log=log),
+    "length": lambda scale, args, log: length.record_length_study(
+        scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2,
+        log=log),
+}
+
 # name -> (what it is, the scales it has, how to build it)
 STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
     "baseline": ("the small MLM pre-trained by the book (chapters 0, 1, 3)",
                  tuple(sorted(baseline.RECIPES)), _baseline),
+    "pretraining": ("chapter 0: SST-2 from random init, the CPU baseline and MiniLM",
+                    ("cpu",), _pretraining),
     "adversarial": ("chapter 1: adversarial fine-tuning methods x seeds on SST-2",
                     ("cpu",), _adversarial),
     "positions": ("chapter 3: absolute, relative-bias, disentangled, disentangled + EMD",
@@ -71,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="studies to build, in the order given (default: all)")
     parser.add_argument("--scale", default="cpu", help="the recipe: cpu (default) or gpu")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--record", action="store_true",
+                        help="build (or find) and write the committed records")
+    action.add_argument("--check", action="store_true",
+                        help="compare the records with the code: key, and a re-computed sample")
     parser.add_argument("--rebuild", action="store_true", help="run again even if cached")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes side by side, one CPU thread each (default: the study's)")
@@ -93,14 +141,43 @@ def main(argv: list[str] | None = None) -> int:
         what, scales, build = STUDIES[name]
         if args.scale not in scales:
             parser.error(f"study {name!r} has the scales {list(scales)}, not {args.scale!r}")
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    timings, failed = [], []
     for name in names:
         started = time.perf_counter()
-        lines, built_now, path = STUDIES[name][2](args.scale, args,
-                                                  lambda message: print(message, flush=True))
+        if args.check:
+            try:
+                problems = CHECKS[name](args.scale, args, log)
+            except records.RecordError as error:
+                problems = [str(error)]
+            seconds = time.perf_counter() - started
+            timings.append((name, seconds))
+            if problems:
+                failed.append(name)
+                print(f"{name} ({args.scale}): the record disagrees with the code "
+                      f"({len(problems)} problems, {seconds:.0f} s):")
+                for problem in problems[:20]:
+                    print(f"  {problem}")
+            else:
+                print(f"{name} ({args.scale}): the record agrees ({seconds:.0f} s)", flush=True)
+            continue
+        if args.record:
+            path = RECORDERS[name](args.scale, args, log)
+            print(f"{name} ({args.scale}): record written to {path} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            continue
+        lines, built_now, path = STUDIES[name][2](args.scale, args, log)
         print(build_message(f"{name} ({args.scale})", built_now,
                             time.perf_counter() - started, path), flush=True)
         for line in lines:
             print(f"  {line}")
+    if args.check:
+        print("\nstudy check     seconds")
+        for name, seconds in timings:
+            print(f"  {name:13s} {seconds:7.0f}")
+        if failed:
+            print(f"records that disagree: {failed}")
+            return 1
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tutorial_lib import __version__, data
+from tutorial_lib.studies import records
 from tutorial_lib.data.batching import MLMCollator, mlm_examples
 from tutorial_lib.training.checkpoint import load_weights
 from tutorial_lib.core.config import TransformerConfig
@@ -125,7 +126,7 @@ def baseline_mlm(recipe: str | BaselineRecipe = "cpu", *, cache_dir: str | Path 
                              f"got {recipe!r}")
         recipe = RECIPES[recipe]
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"baseline-mlm-{recipe.name}-{recipe.key()}"
+    entry = root / entry_name(recipe)
     trained_now = False
     if rebuild or not (entry / _COMPLETE).exists():
         staging = root / f".staging-{entry.name}-{os.getpid()}"
@@ -203,3 +204,47 @@ def load_baseline_encoder_into(model: torch.nn.Module, baseline: Baseline) -> to
                          f"{model.config.diff(baseline.model.config)}")
     model.encoder.load_state_dict(baseline.model.encoder.state_dict())
     return model
+
+
+def entry_name(recipe: BaselineRecipe) -> str:
+    """The cache entry's folder name: the recipe's name and key."""
+    return f"baseline-mlm-{recipe.name}-{recipe.key()}"
+
+
+def _recipe(scale: str | BaselineRecipe) -> BaselineRecipe:
+    if isinstance(scale, BaselineRecipe):
+        return scale
+    if scale not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {scale!r}")
+    return RECIPES[scale]
+
+
+# The record keeps the training history and the entry's summary; CI rebuilds the
+# baseline anyway (the chapters need its weights), so the check compares all of it.
+RECORD_FILES = ["metrics.jsonl", _COMPLETE]
+TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
+
+
+def _data_files(recipe: BaselineRecipe) -> list[str]:
+    return [f"wikitext-2/{split}.txt" for split in (recipe.train_split, recipe.eval_split)]
+
+
+def record_baseline(scale: str = "cpu", *, cache_dir=None, rebuild: bool = False,
+                    directory=None) -> Path:
+    """Build (or find) the baseline and write its record."""
+    recipe = _recipe(scale)
+    baseline = baseline_mlm(recipe, cache_dir=cache_dir, rebuild=rebuild)
+    files = records.read_entry_files(baseline.path, RECORD_FILES)
+    return records.write_record(
+        "baseline", recipe.name, key=recipe.key(), recipe=dataclasses.asdict(recipe),
+        data=records.data_checksums(_data_files(recipe)), files=files,
+        wall_seconds=files[_COMPLETE]["build_seconds"], sample=list(RECORD_FILES),
+        tolerance=TOLERANCE, directory=directory)
+
+
+def check_baseline(scale: str = "cpu", *, cache_dir=None, directory=None) -> list[str]:
+    """Build (or find) the baseline and compare it with its record; return the problems."""
+    recipe = _recipe(scale)
+    record = records.read_record("baseline", recipe.name, key=recipe.key(), directory=directory)
+    baseline = baseline_mlm(recipe, cache_dir=cache_dir)
+    return records.check_files(record, records.read_entry_files(baseline.path, RECORD_FILES))

@@ -39,9 +39,12 @@ from tutorial_lib.techniques.adversarial import FGM, PGD, ALUM, FreeLB, attacked
 from tutorial_lib.data.batching import ClassificationCollator, classification_examples
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
 from tutorial_lib.core.model import SequenceClassifier
-from tutorial_lib.studies.baseline import Baseline, BaselineRecipe, baseline_mlm, load_baseline_encoder_into, models_cache_dir
-from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, safe_name,
-                                          write_json_atomic)
+from tutorial_lib.studies import records
+from tutorial_lib.studies.baseline import (RECIPES, Baseline, BaselineRecipe, baseline_mlm,
+                                           entry_name, load_baseline_encoder_into,
+                                           models_cache_dir)
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
+                                          run_with_one_thread, safe_name, write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -322,3 +325,87 @@ def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index:
     return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
             + " ".join(f"{a:.3f}" for a in curve)
             + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
+
+
+# -- the committed record of a study, and CI's check of it -----------------------------
+
+RECORD_NAMES = {"adversarial-sst2": "adversarial"}  # study -> record name
+# CI re-runs plain training with seed 0 at full length (about a minute on one thread):
+# the training losses, the clean and the attacked accuracies must match the record.
+SAMPLE = [("plain", 0)]
+TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
+
+
+def _study(study: str | Study) -> Study:
+    if isinstance(study, str):
+        if study not in STUDIES:
+            raise ValueError(f"study must be one of {sorted(STUDIES)} or a Study, got {study!r}")
+        return STUDIES[study]
+    return study
+
+
+def _baseline_recipe(study: Study) -> BaselineRecipe:
+    return study.baseline if isinstance(study.baseline, BaselineRecipe) else RECIPES[study.baseline]
+
+
+def study_key(study: str | Study) -> str:
+    """The study's cache key, computed from the code alone (no training)."""
+    study = _study(study)
+    return study.key(entry_name(_baseline_recipe(study)))
+
+
+def _data_files() -> list[str]:
+    return [f"sst-2/{split}.tsv" for split in ("train", "dev")] + [
+        "wikitext-2/valid.txt", "wikitext-2/test.txt"]
+
+
+def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bool = False,
+                 workers: int = 2, log=None, directory=None) -> Path:
+    """Build (or find) the study and write its record."""
+    study = _study(study)
+    started = time.perf_counter()
+    result = run_study(study, cache_dir=cache_dir, rebuild=rebuild, workers=workers, log=log)
+    names = [f"runs/{_run_file(run['method'], run['seed'])}" for run in result.runs]
+    files = records.read_entry_files(result.path, names + [COMPLETE])
+    seconds = sum(run["seconds_per_step"] * study.recipe.steps for run in result.runs)
+    return records.write_record(
+        RECORD_NAMES.get(study.name, study.name), study.recipe.name, key=study_key(study),
+        recipe={"study": repr(study), "recipe": dataclasses.asdict(study.recipe)},
+        data=records.data_checksums(_data_files()), files=files,
+        wall_seconds=seconds if not result.built_now else time.perf_counter() - started,
+        sample=[f"runs/{_run_file(name, seed)}" for name, seed in SAMPLE],
+        tolerance=TOLERANCE, directory=directory)
+
+
+def load_study(study: str | Study = "adversarial-sst2", *, directory=None) -> StudyResult:
+    """The study's numbers from its committed record (refused if the code's recipe changed)."""
+    study = _study(study)
+    record = records.read_record(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
+                                 key=study_key(study), directory=directory)
+    summary = record["files"][COMPLETE]
+    runs = [record["files"][f"runs/{name}"] for name in summary["runs"]]
+    path = records.record_path(record["study"], record["scale"], directory)
+    return StudyResult(study, runs, summary["majority_rate"], path, built_now=False)
+
+
+def check_study(study: str | Study = "adversarial-sst2", *, cache_dir=None, directory=None,
+                log=None) -> list[str]:
+    """Re-run the record's sample and compare; return the problems (none: it agrees)."""
+    import tempfile
+
+    study = _study(study)
+    record = records.read_record(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
+                                 key=study_key(study), directory=directory)
+    names = [name for name, _ in study.methods]
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        (out / "runs").mkdir()
+        files = {}
+        for name, seed in SAMPLE:
+            line = run_with_one_thread(_run_in_worker, study, cache_dir, seed,
+                                       names.index(name), out)
+            if log:
+                log(line)
+            relpath = f"runs/{_run_file(name, seed)}"
+            files[relpath] = json.loads((out / relpath).read_text())
+    return records.check_files(record, files)

@@ -44,6 +44,7 @@ from tutorial_lib import __version__, data
 from tutorial_lib.core.config import TransformerConfig
 from tutorial_lib.techniques.extrapolation import evenly_spaced_positions, random_positions
 from tutorial_lib.core.model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
+from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import models_cache_dir
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
                                           write_json_atomic)
@@ -533,11 +534,17 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
     built_now = build_study_entry(entry, jobs, lambda: {"runs": names}, rebuild=rebuild,
                                   workers=workers, log=log)
     names = json.loads((entry / COMPLETE).read_text())["runs"]
+    runs = {name: json.loads((entry / "runs" / name).read_text()) for name in names}
+    return _result(recipe, runs, entry, built_now)
+
+
+def _result(recipe: LengthRecipe, runs: dict[str, dict], path: Path,
+            built_now: bool) -> LengthStudyResult:
+    """The study's numbers from its run files (``{file name: contents}``)."""
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}
     masked: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for name in names:
-        record = json.loads((entry / "runs" / name).read_text())
+    for name, record in runs.items():
         seconds[name.removesuffix(".json")] = record["train_seconds"]
         if record["kind"] == "mlm":
             masked = {"standard": record["standard"], "log n": record["log n"]}
@@ -546,5 +553,73 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
             curves.setdefault(variant, {})[record["seed"]] = values
     order = list(variants(recipe))
     curves = {name: curves[name] for name in order if name in curves}
-    return LengthStudyResult(recipe, recipe.test_lengths, curves, masked, seconds, entry,
+    return LengthStudyResult(recipe, recipe.test_lengths, curves, masked, seconds, path,
                              built_now)
+
+
+# -- the committed record, and CI's check of it ----------------------------------------
+
+# CI re-trains and re-evaluates the ALiBi model (one job, well under a minute on one
+# thread): every number of its curves must match the record.
+SAMPLE = [("alibi", 0)]
+TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
+
+
+def _length_recipe(recipe: str | LengthRecipe) -> LengthRecipe:
+    if isinstance(recipe, LengthRecipe):
+        return recipe
+    if recipe not in LENGTH_RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(LENGTH_RECIPES)} or a LengthRecipe, "
+                         f"got {recipe!r}")
+    return LENGTH_RECIPES[recipe]
+
+
+def record_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir=None,
+                        rebuild: bool = False, workers: int = 2, log=None,
+                        directory=None) -> Path:
+    """Build (or find) the study and write its record."""
+    recipe = _length_recipe(recipe)
+    result = run_length_study(recipe, cache_dir=cache_dir, rebuild=rebuild, workers=workers,
+                              log=log)
+    names = json.loads((result.path / COMPLETE).read_text())["runs"]
+    files = records.read_entry_files(result.path, [f"runs/{name}" for name in names] + [COMPLETE])
+    wall = sum(run["total_seconds"] for name, run in files.items() if name != COMPLETE)
+    return records.write_record(
+        "length", recipe.name, key=study_key(recipe),
+        recipe={"recipe": dataclasses.asdict(recipe),
+                "variants": {k: repr(v) for k, v in variants(recipe).items()}},
+        data=records.data_checksums(["tinyshakespeare/input.txt"]), files=files,
+        wall_seconds=wall, sample=[f"runs/{kind}-seed{seed}.json" for kind, seed in SAMPLE],
+        tolerance=TOLERANCE, directory=directory)
+
+
+def load_length_study(recipe: str | LengthRecipe = "cpu", *, directory=None) -> LengthStudyResult:
+    """The study's numbers from its committed record (refused if the code's recipe changed)."""
+    recipe = _length_recipe(recipe)
+    record = records.read_record("length", recipe.name, key=study_key(recipe),
+                                 directory=directory)
+    runs = {name: record["files"][f"runs/{name}"] for name in record["files"][COMPLETE]["runs"]}
+    return _result(recipe, runs, records.record_path("length", recipe.name, directory), False)
+
+
+def check_length_study(recipe: str | LengthRecipe = "cpu", *, directory=None,
+                       log=None) -> list[str]:
+    """Re-run the record's sample and compare; return the problems (none: it agrees)."""
+    import tempfile
+
+    from tutorial_lib.studies.harness import run_with_one_thread
+
+    recipe = _length_recipe(recipe)
+    record = records.read_record("length", recipe.name, key=study_key(recipe),
+                                 directory=directory)
+    files = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        (out / "runs").mkdir()
+        for kind, seed in SAMPLE:
+            line = run_with_one_thread(_run_job, recipe, kind, seed, out)
+            if log:
+                log(line)
+            relpath = f"runs/{kind}-seed{seed}.json"
+            files[relpath] = json.loads((out / relpath).read_text())
+    return records.check_files(record, files)

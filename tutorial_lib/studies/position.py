@@ -43,7 +43,9 @@ from tutorial_lib.techniques.deberta import EnhancedMaskDecoder, RelativePositio
 from tutorial_lib.core.model import MaskedLM
 from tutorial_lib.studies.baseline import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
                          pretrain_mlm)
-from tutorial_lib.studies.harness import (build_study_entry, check_workers, safe_name)
+from tutorial_lib.studies import records
+from tutorial_lib.studies.baseline import entry_name
+from tutorial_lib.studies.harness import build_study_entry, check_workers, safe_name
 from tutorial_lib.training.loop import seed_everything
 
 VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
@@ -106,8 +108,9 @@ def _folder(variant: str) -> str:
     return safe_name(variant)
 
 
-def _study_key(recipe: BaselineRecipe, baseline_key: str) -> str:
-    payload = json.dumps({"recipe": dataclasses.asdict(recipe), "baseline": baseline_key,
+def study_key(recipe: BaselineRecipe) -> str:
+    """The study's cache key, computed from the code alone (no training)."""
+    payload = json.dumps({"recipe": dataclasses.asdict(recipe), "baseline": entry_name(recipe),
                           "variants": VARIANTS, "buckets": POSITION_BUCKETS,
                           "max_relative": MAX_RELATIVE, "tutorial_lib": __version__},
                          sort_keys=True)
@@ -125,7 +128,7 @@ def position_study(recipe: str | BaselineRecipe = "cpu", *,
     check_workers(workers)
     baseline = baseline_mlm(recipe, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"study-positions-{baseline.recipe.name}-{_study_key(baseline.recipe, baseline.path.name)}"
+    entry = root / f"study-positions-{baseline.recipe.name}-{study_key(baseline.recipe)}"
     jobs = [(f"{_folder(variant)}/DONE", _train_variant, (recipe, cache_dir, variant))
             for variant in VARIANTS[1:]]
     built_now = build_study_entry(entry, jobs, lambda: {"variants": list(VARIANTS)},
@@ -153,3 +156,54 @@ def _train_variant(recipe: str | BaselineRecipe, cache_dir, variant: str, stagin
             if '"eval"' in line][-1]
     return (f"{variant:20s}: test MLM loss {last['mlm_loss']:.3f}, accuracy "
             f"{last['mlm_accuracy']:.3f} ({seconds:.0f} s)")
+
+
+# -- the committed record, and CI's check of it ----------------------------------------
+
+# Chapter 3 draws the trained variants' attention, so CI builds the study in full (about
+# six minutes) and the check compares every variant's history with the record.
+TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
+
+
+def _baseline_recipe(recipe: str | BaselineRecipe) -> BaselineRecipe:
+    if isinstance(recipe, BaselineRecipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a BaselineRecipe, "
+                         f"got {recipe!r}")
+    return RECIPES[recipe]
+
+
+def _record_files() -> list[str]:
+    return [f"{_folder(variant)}/metrics.jsonl" for variant in VARIANTS[1:]]
+
+
+def record_position_study(recipe: str | BaselineRecipe = "cpu", *, cache_dir=None,
+                          rebuild: bool = False, workers: int = 3, log=None,
+                          directory=None) -> Path:
+    """Build (or find) the study and write its record."""
+    recipe = _baseline_recipe(recipe)
+    study = position_study(recipe, cache_dir=cache_dir, rebuild=rebuild, workers=workers,
+                           log=log)
+    names = _record_files()
+    files = records.read_entry_files(study.path, names)
+    seconds = sum(json.loads((study.path / _folder(v) / "DONE").read_text())["seconds"]
+                  for v in VARIANTS[1:])
+    return records.write_record(
+        "positions", recipe.name, key=study_key(recipe),
+        recipe={"recipe": dataclasses.asdict(recipe), "variants": list(VARIANTS),
+                "position_buckets": POSITION_BUCKETS, "max_relative": MAX_RELATIVE},
+        data=records.data_checksums([f"wikitext-2/{recipe.train_split}.txt",
+                                     f"wikitext-2/{recipe.eval_split}.txt"]),
+        files=files, wall_seconds=seconds, sample=names, tolerance=TOLERANCE,
+        directory=directory)
+
+
+def check_position_study(recipe: str | BaselineRecipe = "cpu", *, cache_dir=None,
+                         workers: int = 3, log=None, directory=None) -> list[str]:
+    """Build (or find) the study and compare every variant's history with the record."""
+    recipe = _baseline_recipe(recipe)
+    record = records.read_record("positions", recipe.name, key=study_key(recipe),
+                                 directory=directory)
+    study = position_study(recipe, cache_dir=cache_dir, workers=workers, log=log)
+    return records.check_files(record, records.read_entry_files(study.path, _record_files()))
