@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                             position_buckets=256, max_relative_positions=512,
                             share_att_key=True, norm_rel_ebd="layer_norm"),
 }
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool, a string, NaN or infinity)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 @dataclass
@@ -164,24 +172,34 @@ class TransformerConfig:
                              f"got {self.norm_position!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+        if not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool) \
+                or self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.layer_norm_eps <= 0:
+        if not _is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be a number >= 0 (the standard deviation "
+                             f"of the initial weights), got {self.initializer_range!r}")
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool) \
+                or not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_token_id!r}")
+        for name in ("causal", "tie_word_embeddings", "rotary"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.rotary_pairing not in ROTARY_PAIRINGS:
             raise ValueError(f"rotary_pairing must be one of {ROTARY_PAIRINGS}, "
                              f"got {self.rotary_pairing!r}")
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary needs an even head dimension, got hidden_size/num_heads "
                              f"= {self.head_dim}")
-        if self.rotary_base <= 1:
+        if not _is_number(self.rotary_base) or self.rotary_base <= 1:
             raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
         for name, minimum in (("attention_window", 1), ("rerope_window", 1),
                               ("logn_training_length", 2)):
@@ -191,7 +209,7 @@ class TransformerConfig:
                 raise ValueError(f"{name} must be None or an integer >= {minimum}, "
                                  f"got {value!r}")
         factor = self.rotary_ntk_factor
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+        if not _is_number(factor) or not factor >= 1:
             raise ValueError(f"rotary_ntk_factor must be a number >= 1 (1 = off), got {factor!r}")
         for name, active in (("rotary_ntk_factor", factor != 1),
                              ("rerope_window", self.rerope_window is not None)):

@@ -39,6 +39,9 @@ from tutorial_lib.core.config import TransformerConfig
 from tutorial_lib.core.positions import sinusoidal_embedding
 
 IGNORE_INDEX = -100
+# Index dtypes the models accept for ids (token, segment, learned position, label);
+# nn.Embedding and the losses take int64 (and int32), so the others are widened.
+_INDEX_DTYPES = (torch.long, torch.int32, torch.int16, torch.uint8)
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -209,6 +212,8 @@ class Encoder(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.embeddings = Embeddings(config)
         if config.block not in EXTENSIONS.blocks:
@@ -258,6 +263,8 @@ class Encoder(nn.Module):
         (``EncoderState.all_hidden_states``, ``num_layers + 1`` tensors)."""
         batch, length, device = self._check_inputs(input_ids, attention_mask, token_type_ids,
                                                    position_ids, inputs_embeds)
+        input_ids, token_type_ids, position_ids = (
+            _widen_index(input_ids), _widen_index(token_type_ids), _widen_index(position_ids))
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]  # (1, seq)
         key_padding = None if attention_mask is None else attention_mask.bool()
@@ -298,56 +305,107 @@ class Encoder(nn.Module):
         check_values = not torch.compiler.is_compiling()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        weight = self.embeddings.word_embeddings.weight
         if input_ids is not None:
+            source = "input_ids"
             if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
                 raise ValueError("input_ids must be a tensor of shape (batch, seq), got "
                                  f"{_describe(input_ids)}")
-            if input_ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            if input_ids.dtype not in _INDEX_DTYPES:
                 raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-            if check_values and input_ids.numel() and (int(input_ids.min()) < 0
-                                      or int(input_ids.max()) >= config.vocab_size):
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={config.vocab_size}), found values "
-                    f"in [{int(input_ids.min())}, {int(input_ids.max())}]")
             shape = tuple(input_ids.shape)
             device = input_ids.device
         else:
+            source = "inputs_embeds"
+            if not torch.is_tensor(inputs_embeds):
+                raise TypeError(f"inputs_embeds must be a tensor of shape (batch, seq, "
+                                f"hidden_size={config.hidden_size}), got "
+                                f"{_describe(inputs_embeds)}")
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
                 raise ValueError(f"inputs_embeds must have shape (batch, seq, hidden_size="
                                  f"{config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+            if not inputs_embeds.is_floating_point():
+                raise TypeError(f"inputs_embeds must be a floating-point tensor, "
+                                f"got {inputs_embeds.dtype}")
             shape = tuple(inputs_embeds.shape[:2])
             device = inputs_embeds.device
+        if device != weight.device:
+            raise ValueError(f"{source} is on {device} but the model is on {weight.device}; "
+                             f"move the inputs with .to({str(weight.device)!r})")
+        # Mixed dtypes work only by accident of type promotion (and fail in the LayerNorm
+        # or the first projection otherwise); under autocast they are fine.
+        if check_values and inputs_embeds is not None and inputs_embeds.dtype != weight.dtype \
+                and not torch.is_autocast_enabled(device.type):
+            raise TypeError(f"inputs_embeds must have the model's dtype {weight.dtype}, "
+                            f"got {inputs_embeds.dtype}; cast it with .to({weight.dtype})")
+        if check_values and input_ids is not None and input_ids.numel() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={config.vocab_size}), found values "
+                f"in [{int(input_ids.min())}, {int(input_ids.max())}]")
+        if shape[0] == 0:
+            raise ValueError(f"the input batch is empty ({source} has batch size 0)")
         if shape[1] == 0:
             raise ValueError("the input sequence is empty (seq = 0)")
         for name, tensor in (("attention_mask", attention_mask),
+                             ("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if tensor is None:
+                continue
+            if not torch.is_tensor(tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            if tensor.device != device:
+                raise ValueError(f"{name} is on {tensor.device} but {source} is on {device}")
+        for name, tensor in (("attention_mask", attention_mask),
                              ("token_type_ids", token_type_ids)):
             if tensor is not None and tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must have the shape of input_ids {shape}, "
+                raise ValueError(f"{name} must have the shape of {source} {shape}, "
                                  f"got {tuple(tensor.shape)}")
-        if check_values and attention_mask is not None and attention_mask.numel() and \
-                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must contain only 0 (padding) and 1 (token)")
+        if attention_mask is not None and attention_mask.is_complex():
+            raise TypeError(f"attention_mask must hold 0 and 1 (or False and True), "
+                            f"got {attention_mask.dtype}")
+        if check_values and attention_mask is not None:
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must contain only 0 (padding) and 1 (token)")
+            empty = ~attention_mask.bool().any(dim=-1)
+            if bool(empty.any()):
+                rows = empty.nonzero().flatten().tolist()
+                raise ValueError(f"attention_mask has no token (only 0) in row(s) {rows[:10]}: "
+                                 f"every sequence needs at least one token")
         if token_type_ids is not None:
             if config.type_vocab_size == 0:
                 raise ValueError("token_type_ids given but the config has type_vocab_size=0")
+            if token_type_ids.dtype not in _INDEX_DTYPES:
+                raise TypeError(f"token_type_ids must hold integer segment ids, "
+                                f"got {token_type_ids.dtype}")
             if check_values and (int(token_type_ids.min()) < 0
                                  or int(token_type_ids.max()) >= config.type_vocab_size):
                 raise ValueError(f"token_type_ids must lie in [0, type_vocab_size="
                                  f"{config.type_vocab_size})")
+        learned = config.position_embedding == "learned"
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[-1] != shape[1] \
                     or position_ids.shape[0] not in (1, shape[0]):
                 raise ValueError(f"position_ids must have shape (batch or 1, seq={shape[1]}), "
                                  f"got {tuple(position_ids.shape)}")
-        if config.position_embedding == "learned" and (check_values or position_ids is None):
+            if learned and position_ids.dtype not in _INDEX_DTYPES:
+                raise TypeError(f"learned position embeddings need integer position_ids, "
+                                f"got {position_ids.dtype}")
+            if position_ids.dtype == torch.bool or position_ids.is_complex():
+                raise TypeError(f"position_ids must hold integer or real positions, "
+                                f"got {position_ids.dtype}")
+            if check_values and position_ids.is_floating_point() \
+                    and not bool(torch.isfinite(position_ids).all()):
+                raise ValueError("position_ids must be finite, found NaN or infinity")
+            if check_values and learned and int(position_ids.min()) < 0:
+                raise ValueError(f"position_ids must be >= 0 for learned position embeddings, "
+                                 f"found {int(position_ids.min())}")
+        if learned and (check_values or position_ids is None):
             longest = shape[1] if position_ids is None else int(position_ids.max()) + 1
             if longest > config.max_position_embeddings:
                 raise ValueError(
                     f"sequence needs position {longest - 1} but the learned position "
                     f"embeddings cover only max_position_embeddings="
                     f"{config.max_position_embeddings} positions")
-            if position_ids is not None and position_ids.is_floating_point():
-                raise TypeError("learned position embeddings need integer position_ids")
         return shape[0], shape[1], device
 
 
@@ -416,6 +474,14 @@ def _describe(value) -> str:
     if torch.is_tensor(value):
         return f"a tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def _widen_index(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """int16/uint8 ids as int64 (what nn.Embedding needs; uint8 differences would wrap);
+    int64, int32, float positions and None unchanged."""
+    if ids is None or ids.is_floating_point() or ids.dtype in (torch.long, torch.int32):
+        return ids
+    return ids.long()
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -500,7 +566,8 @@ class MaskedLM(_LanguageModelBase):
         attentions = state.attentions if output_attentions else None
         head_input = h if self.decoder is None else self.decode(state)
         if labels is not None:
-            _check_labels(labels, h.shape[:2], "token")
+            labels = _check_labels(labels, h.shape[:2], "token", device=h.device,
+                                   classes=("vocab_size", self.config.vocab_size))
         loss = None
         if labels is not None and self.sparse_prediction:
             targets = labels != IGNORE_INDEX
@@ -529,6 +596,8 @@ class CausalLM(_LanguageModelBase):
     """Causal decoder + tied LM head. ``labels`` are the input ids; the loss shifts them."""
 
     def __init__(self, config: TransformerConfig):
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
         if not config.causal:
             raise ValueError("CausalLM needs a config with causal=True")
         super().__init__(config)
@@ -542,7 +611,8 @@ class CausalLM(_LanguageModelBase):
         logits = self.project_to_vocab(h)  # (batch, seq, vocab)
         loss = None
         if labels is not None:
-            _check_labels(labels, h.shape[:2], "token")
+            labels = _check_labels(labels, h.shape[:2], "token", device=h.device,
+                                   classes=("vocab_size", self.config.vocab_size))
             # Position t predicts token t+1.
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
@@ -560,10 +630,15 @@ class SequenceClassifier(nn.Module):
     def __init__(self, config: TransformerConfig, num_labels: int = 2, pooling: str = "cls",
                  classifier_dropout: float | None = None):
         super().__init__()
-        if not isinstance(num_labels, int) or num_labels < 1:
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
             raise ValueError(f"num_labels must be an integer >= 1, got {num_labels!r}")
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if classifier_dropout is not None and (
+                not isinstance(classifier_dropout, (int, float))
+                or isinstance(classifier_dropout, bool) or not 0 <= classifier_dropout < 1):
+            raise ValueError(f"classifier_dropout must be None or a probability in [0, 1), "
+                             f"got {classifier_dropout!r}")
         self.config = config
         self.num_labels = num_labels
         self.pooling = pooling
@@ -594,7 +669,9 @@ class SequenceClassifier(nn.Module):
         logits = self.classifier(self.dropout(self.pool(h, attention_mask)))  # (batch, labels)
         loss = None
         if labels is not None:
-            _check_labels(labels, h.shape[:1], "sequence")
+            labels = _check_labels(
+                labels, h.shape[:1], "sequence", device=logits.device,
+                classes=None if self.num_labels == 1 else ("num_labels", self.num_labels))
             if self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
@@ -603,10 +680,48 @@ class SequenceClassifier(nn.Module):
                            all_hidden_states=state.all_hidden_states)
 
 
-def _check_labels(labels: torch.Tensor, expected: torch.Size, kind: str) -> None:
+def _check_labels(labels: torch.Tensor, expected: torch.Size, kind: str, *,
+                  classes: tuple[str, int] | None, device: torch.device) -> torch.Tensor:
+    """Validate ``labels``; return them as the loss takes them (int64 ids, or the scores).
+
+    ``classes``: ``(name, n)`` when the labels are ids in ``[0, n)`` (or ``-100``, which
+    the loss skips); None for regression scores, which must be floats. Integer ids are
+    never guessed from floats: ``0.7`` is no class. Value checks read the labels back
+    to the host, so a compiled model (``torch.compile``) checks dtype and shape only.
+    """
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a tensor of shape {tuple(expected)} ({kind} labels), "
+                        f"got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(expected):
         raise ValueError(f"labels must have shape {tuple(expected)} ({kind} labels), "
                          f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the model's outputs on {device}")
+    check_values = not torch.compiler.is_compiling()
+    if classes is None:
+        if not labels.is_floating_point():
+            raise TypeError(f"labels of a regression head (num_labels=1) must be float scores, "
+                            f"got {labels.dtype}; pass labels.float(), or build the model "
+                            f"with num_labels >= 2 for class ids")
+        if check_values and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels must be finite regression scores, found NaN or infinity")
+        return labels
+    name, count = classes
+    what = "class ids" if kind == "sequence" else "token ids"
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        hint = ("; for regression scores build the model with num_labels=1"
+                if kind == "sequence" else "")
+        raise TypeError(f"labels must hold integer {what} (an integer dtype such as "
+                        f"torch.long), got {labels.dtype}; convert whole-number labels with "
+                        f"labels.long(){hint}")
+    if check_values:
+        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < count))
+        if not bool(valid.all()):
+            wrong = labels[~valid]
+            raise ValueError(f"labels must be {what} in [0, {name}={count}) or {IGNORE_INDEX} "
+                             f"(ignored), found values in [{int(wrong.min())}, "
+                             f"{int(wrong.max())}] outside it")
+    return labels.long()
 
 
 TASKS = {"mlm": MaskedLM, "causal-lm": CausalLM, "classification": SequenceClassifier}

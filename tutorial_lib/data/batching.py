@@ -23,6 +23,7 @@ non-special tokens only, so no ``[CLS]`` or ``[PAD]`` ever appears inside a sent
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 from typing import Any, Iterable, Sequence
 
@@ -34,15 +35,30 @@ from tutorial_lib.core.model import IGNORE_INDEX  # -100, the label the losses s
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
 
 
-def _as_id_list(value: Any, name: str) -> list[int]:
+def _as_id_list(value: Any, name: str, *, allow_bool: bool = False) -> list[int]:
+    """``value`` (a list of ints or a 1-D integer tensor) as a list of ints.
+
+    Floats are refused, not truncated (``5.5`` is no id); so are bools, except where
+    ``allow_bool`` (an attention mask).
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+        if value.is_floating_point() or value.is_complex() or \
+                (value.dtype == torch.bool and not allow_bool):
+            raise TypeError(f"{name} must hold integer ids, got a tensor of {value.dtype}")
         return value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a list of ints or a 1-D tensor, "
                         f"got {type(value).__name__}")
-    return list(value)
+    items = list(value)
+    if not all(type(item) is int for item in items):  # the common case costs one pass
+        for position, item in enumerate(items):
+            if not isinstance(item, Integral) or (isinstance(item, bool) and not allow_bool):
+                raise TypeError(f"{name} must hold integer ids, got {item!r} at position "
+                                f"{position}")
+        items = [int(item) for item in items]
+    return items
 
 
 def _is_scalar(value: Any) -> bool:
@@ -61,6 +77,8 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """
     if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
         raise ValueError("examples must be a non-empty list of dicts")
+    if not isinstance(pad_id, Integral) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
     if not isinstance(examples[0], dict) or "input_ids" not in examples[0]:
         raise ValueError(f"every example must be a dict that has 'input_ids', "
                          f"got {examples[0]!r:.80}")
@@ -93,11 +111,13 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
                              f"known keys: input_ids, {', '.join(_PAD_VALUES)}")
         rows = torch.full((len(examples), longest), pad_value, dtype=torch.long)
         for index, (value, length) in enumerate(zip(values, lengths)):
-            row = _as_id_list(value, f"examples[{index}][{key!r}]")
+            row = _as_id_list(value, f"examples[{index}][{key!r}]",
+                              allow_bool=key == "attention_mask")
             if len(row) != length:
                 raise ValueError(f"examples[{index}][{key!r}] has {len(row)} items but "
                                  f"input_ids has {length}")
             rows[index, :length] = torch.tensor(row, dtype=torch.long)
+        _check_values(rows, key)
         batch[key] = rows
     if "attention_mask" not in batch:
         positions = torch.arange(longest)  # (length,)
@@ -105,8 +125,27 @@ def pad_batch(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _check_values(rows: torch.Tensor, key: str) -> None:
+    """Refuse values no model takes: negative ids, masks other than 0/1, labels below 0
+    other than -100. Ids beyond a vocabulary are the collator's to check."""
+    if key == "attention_mask":
+        wrong = (rows != 0) & (rows != 1)
+        expected = "0 (padding) or 1 (token)"
+    elif key == "labels":
+        wrong = (rows < 0) & (rows != IGNORE_INDEX)
+        expected = f"ids >= 0 or {IGNORE_INDEX} (ignored)"
+    else:
+        wrong = rows < 0
+        expected = "ids >= 0"
+    if bool(wrong.any()):
+        row, column = (int(i) for i in wrong.nonzero()[0])
+        raise ValueError(f"examples[{row}][{key!r}] must hold {expected}, got "
+                         f"{int(rows[row, column])} at position {column}")
+
+
 def _check_fraction(value: float, name: str, *, open_at_zero: bool = False) -> None:
-    if not isinstance(value, Real) or not (0 < value <= 1 if open_at_zero else 0 <= value <= 1):
+    if not isinstance(value, Real) or isinstance(value, bool) or \
+            not (0 < value <= 1 if open_at_zero else 0 <= value <= 1):
         interval = "(0, 1]" if open_at_zero else "[0, 1]"
         raise ValueError(f"{name} must be a probability in {interval}, got {value!r}")
 
@@ -122,11 +161,23 @@ class MLMCollator:
     def __init__(self, mask_id: int, vocab_size: int, special_ids: Iterable[int], pad_id: int,
                  mlm_probability: float = 0.15, mask_fraction: float = 0.8,
                  random_fraction: float = 0.1):
-        if not isinstance(vocab_size, Integral) or vocab_size < 1:
+        if not isinstance(vocab_size, Integral) or isinstance(vocab_size, bool) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         for name, value in (("mask_id", mask_id), ("pad_id", pad_id)):
-            if not isinstance(value, Integral) or not 0 <= value < vocab_size:
+            if not isinstance(value, Integral) or isinstance(value, bool) \
+                    or not 0 <= value < vocab_size:
                 raise ValueError(f"{name} must be an id in [0, {vocab_size}), got {value!r}")
+        if isinstance(special_ids, torch.Tensor):
+            special_ids = special_ids.flatten().tolist()
+        if isinstance(special_ids, (str, bytes)) or not isinstance(special_ids, Iterable):
+            raise TypeError(f"special_ids must be an iterable of ids (ints), "
+                            f"got {type(special_ids).__name__}")
+        special_ids = list(special_ids)
+        for value in special_ids:
+            if not isinstance(value, Integral) or isinstance(value, bool) \
+                    or not 0 <= value < vocab_size:
+                raise ValueError(f"special_ids must hold ids in [0, {vocab_size}), "
+                                 f"got {value!r}")
         _check_fraction(mlm_probability, "mlm_probability", open_at_zero=True)
         _check_fraction(mask_fraction, "mask_fraction")
         _check_fraction(random_fraction, "random_fraction")
@@ -156,8 +207,16 @@ class MLMCollator:
 
     def __call__(self, examples: Sequence[dict],
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be None or a torch.Generator, "
+                            f"got {type(generator).__name__}")
         batch = pad_batch(examples, self.pad_id)
         input_ids = batch["input_ids"]  # (batch, length)
+        if int(input_ids.max()) >= self.vocab_size:
+            row, column = (int(i) for i in (input_ids >= self.vocab_size).nonzero()[0])
+            raise ValueError(f"examples[{row}]['input_ids'] must hold ids in [0, vocab_size="
+                             f"{self.vocab_size}), got {int(input_ids[row, column])} at "
+                             f"position {column}")
         shape = input_ids.shape
         maskable = batch["attention_mask"].bool() & ~torch.isin(input_ids, self._special_tensor)
         selected = (torch.rand(shape, generator=generator) < self.mlm_probability) & maskable
@@ -201,6 +260,8 @@ def mlm_examples(lines: Iterable[str], tokenizer: Any, max_length: int) -> list[
     a line longer than ``max_length - 2`` tokens is cut into consecutive chunks, so no
     token is lost. Lines that encode to nothing are skipped.
     """
+    if isinstance(lines, str):
+        raise TypeError("lines must be an iterable of strings, not a single str")
     if tokenizer.cls_id is None or tokenizer.sep_id is None:
         raise ValueError("tokenizer must have cls and sep tokens to build MLM sequences")
     if not isinstance(max_length, Integral) or max_length < 3:
@@ -230,6 +291,9 @@ def classification_examples(texts: Sequence[str], labels: Sequence[int | float],
     sentence of a pair first). Labels are kept as given: ints for classes, floats for
     regression scores.
     """
+    for name, value in (("texts", texts), ("labels", labels), ("pairs", pairs)):
+        if isinstance(value, str):
+            raise TypeError(f"{name} must be a list, not a single str")
     texts, labels = list(texts), list(labels)
     if len(labels) != len(texts):
         raise ValueError(f"labels must have one item per text ({len(texts)}), got {len(labels)}")
@@ -240,8 +304,11 @@ def classification_examples(texts: Sequence[str], labels: Sequence[int | float],
                              f"got {len(pairs)}")
     examples = []
     for index, (text, label) in enumerate(zip(texts, labels)):
-        if not _is_scalar(label) or isinstance(label, bool):
+        if not _is_scalar(label) or isinstance(label, bool) or (
+                isinstance(label, torch.Tensor) and label.dtype == torch.bool):
             raise TypeError(f"labels[{index}] must be an int or a float, got {label!r}")
+        if not math.isfinite(float(label)):
+            raise ValueError(f"labels[{index}] must be finite, got {label!r}")
         ids, types = tokenizer.encode_with_types(
             text, None if pairs is None else pairs[index], max_length)
         examples.append({"input_ids": ids, "token_type_ids": types, "label": label})
@@ -252,10 +319,12 @@ class ClassificationCollator:
     """Pads examples with a ``"label"`` into a batch with ``labels`` (long, or float)."""
 
     def __init__(self, pad_id: int, regression: bool = False):
-        if not isinstance(pad_id, Integral) or pad_id < 0:
+        if not isinstance(pad_id, Integral) or isinstance(pad_id, bool) or pad_id < 0:
             raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+        if not isinstance(regression, bool):
+            raise TypeError(f"regression must be True or False, got {regression!r}")
         self.pad_id = int(pad_id)
-        self.regression = bool(regression)
+        self.regression = regression
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if isinstance(examples, dict) or not isinstance(examples, Sequence) or not examples:
@@ -265,10 +334,21 @@ class ClassificationCollator:
             label = example.get("label") if isinstance(example, dict) else None
             if label is None:
                 raise ValueError(f"examples[{index}] needs a 'label'")
-            label = label.item() if isinstance(label, torch.Tensor) else label
-            if not self.regression and (isinstance(label, bool) or not float(label).is_integer()):
+            if isinstance(label, torch.Tensor) and label.dim() == 0:
+                label = label.item()
+            if not isinstance(label, Real) or isinstance(label, bool):
+                raise TypeError(f"examples[{index}]['label'] must be an int (class) or a float "
+                                f"(score), got {label!r}")
+            if self.regression:
+                if not math.isfinite(label):
+                    raise ValueError(f"examples[{index}]['label'] must be a finite score, "
+                                     f"got {label!r}")
+            elif not float(label).is_integer():
                 raise ValueError(f"examples[{index}]['label'] must be a class index, got "
                                  f"{label!r} (use regression=True for scores)")
+            elif label < 0 and label != IGNORE_INDEX:
+                raise ValueError(f"examples[{index}]['label'] must be a class index >= 0 (or "
+                                 f"{IGNORE_INDEX} to leave the row out of the loss), got {label!r}")
             labels.append(label)
         batch = pad_batch([{k: v for k, v in e.items() if k != "label"} for e in examples],
                           self.pad_id)

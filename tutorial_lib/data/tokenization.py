@@ -24,6 +24,7 @@ library, so on a tie the second sequence keeps the odd token.
 from __future__ import annotations
 
 import json
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -61,12 +62,34 @@ def _text_list(texts: Iterable[str], name: str) -> list[str]:
     return texts
 
 
+def _id_list(ids: Any, vocab_size: int) -> list[int]:
+    """``ids`` (a list or a 1-D tensor or array of token ids) checked against the vocabulary."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"ids must be a list of ints or a 1-D tensor, got {type(ids).__name__}")
+    if hasattr(ids, "tolist"):  # a tensor or a NumPy array
+        if getattr(ids, "ndim", 1) != 1:
+            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    ids = list(ids)
+    for position, token_id in enumerate(ids):
+        if not isinstance(token_id, Integral) or isinstance(token_id, bool):
+            raise TypeError(f"ids must hold integer token ids, got {token_id!r} at position "
+                            f"{position}")
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"ids must lie in [0, {vocab_size}), got {token_id} at position "
+                             f"{position}")
+    return [int(token_id) for token_id in ids]
+
+
 def truncation_lengths(length_a: int, length_b: int, budget: int) -> tuple[int, int]:
     """Lengths that fit ``budget`` tokens, taken from the longer sequence first.
 
     When both must shrink, the first gets ``budget // 2`` and the second the rest
     (when the first is the longer one, the split is mirrored), as in ``tokenizers``.
     """
+    for name, value in (("length_a", length_a), ("length_b", length_b), ("budget", budget)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if length_a + length_b <= budget:
         return length_a, length_b
     shorter, longer = sorted((length_a, length_b))
@@ -156,6 +179,7 @@ class _Tokenizer:
                      add_special_tokens: bool) -> list[tuple[list[int], list[int]]]:
         specials = self._special_count(pairs is not None) if add_special_tokens else 0
         if max_length is not None and (not isinstance(max_length, int)
+                                       or isinstance(max_length, bool)
                                        or max_length <= specials):
             raise ValueError(f"max_length must be an int above the {specials} special tokens "
                              f"added to each sequence, got {max_length!r}")
@@ -231,7 +255,7 @@ class TextTokenizer(_Tokenizer):
         Exact for byte-level BPE; WordPiece gives BERT's normalised text (lowercase,
         no space before punctuation, ``[UNK]`` for unknown words).
         """
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        ids = _id_list(ids, self.vocab_size)
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def tokenize(self, text: str) -> list[str]:
@@ -269,9 +293,10 @@ class TextTokenizer(_Tokenizer):
 
 
 def _check_training_arguments(vocab_size: int, min_frequency: int) -> None:
-    if not isinstance(vocab_size, int) or vocab_size < 1:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    if not isinstance(min_frequency, int) or min_frequency < 0:
+    if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) \
+            or min_frequency < 0:
         raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
 
 
@@ -414,10 +439,7 @@ class CharTokenizer(_Tokenizer):
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list or a 1-D tensor); specials render as ``<name>``."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        for token_id in ids:
-            if not 0 <= token_id < len(self._tokens):
-                raise ValueError(f"ids must lie in [0, {len(self._tokens)}), got {token_id}")
+        ids = _id_list(ids, len(self._tokens))
         special = self.special_ids
         return "".join(self._tokens[i] for i in ids
                        if not (skip_special_tokens and i in special))

@@ -8,6 +8,8 @@ of targets, not averaged per batch.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from numbers import Integral
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,9 +21,17 @@ from tutorial_lib.core.model import IGNORE_INDEX
 def fixed_batches(examples: Sequence[Any], collate_fn: Callable, batch_size: int,
                   seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Collate ``examples`` in order into batches; a seeded generator drives any randomness."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if not examples:
+    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (an integer), got {batch_size!r}")
+    if not isinstance(seed, Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not callable(collate_fn):
+        raise TypeError(f"collate_fn must be callable, got {type(collate_fn).__name__}")
+    if isinstance(examples, (str, bytes, Mapping)) or not (
+            hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
+        raise TypeError(f"examples must be a sequence of examples, "
+                        f"got {type(examples).__name__}")
+    if not len(examples):
         raise ValueError("examples is empty: nothing to evaluate")
     generator = torch.Generator().manual_seed(seed)
     takes_generator = "generator" in inspect.signature(collate_fn).parameters
@@ -43,6 +53,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _labelled_batches(batches: Any, caller: str):
+    """Each batch (a dict of tensors with ``labels``) of a list of batches, in order."""
+    if isinstance(batches, (dict, str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"{caller}: batches must be a list of collated batches (dicts), "
+                        f"got {type(batches).__name__}")
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, dict) or not torch.is_tensor(batch.get("labels")):
+            found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"{caller}: batches[{index}] must be a dict with a 'labels' "
+                             f"tensor, got {found}")
+        yield batch
+
+
 @torch.no_grad()
 def masked_lm_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                       ) -> dict[str, float]:
@@ -51,7 +74,7 @@ def masked_lm_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
     model.eval()
     device = _device_of(model)
     total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
+    for batch in _labelled_batches(batches, "masked_lm_metrics"):
         batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         labels = batch["labels"]
         targets = labels != IGNORE_INDEX
@@ -75,17 +98,28 @@ def masked_lm_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor
 @torch.no_grad()
 def classification_metrics(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                            ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of a classifier over ``batches``."""
+    """Accuracy and mean cross-entropy of a classifier over ``batches``.
+
+    Rows labelled -100 are left out, as the loss leaves them out.
+    """
     was_training = model.training
     model.eval()
     device = _device_of(model)
     total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
+    for batch in _labelled_batches(batches, "classification_metrics"):
+        if batch["labels"].is_floating_point():
+            raise TypeError("classification_metrics needs integer class labels, got "
+                            f"{batch['labels'].dtype} labels (a regression head's scores?)")
         batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+        labelled = batch["labels"] != IGNORE_INDEX
+        n = int(labelled.sum())
+        if n == 0:
+            continue
         output = model(**batch)
-        n = batch["labels"].shape[0]
         total_loss += float(output.loss) * n
-        correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+        correct += int(((output.logits.argmax(-1) == batch["labels"]) & labelled).sum())
         count += n
     model.train(was_training)
+    if count == 0:
+        raise ValueError("classification_metrics: the batches contain no labelled example")
     return {"accuracy": correct / count, "loss": total_loss / count, "examples": count}

@@ -54,7 +54,9 @@ import random
 import struct
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -100,7 +102,26 @@ def count_shifted_targets(batch: dict[str, Any]) -> int:
     """Targets of a causal LM whose loss shifts labels inside the model (token t
     predicts t+1): non-ignored labels from position 1 on. Pass as the loader's
     ``target_counter``."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not torch.is_tensor(labels) or labels.dim() != 2:
+        raise ValueError(f"count_shifted_targets needs batch['labels'] of shape (batch, seq), "
+                         f"got {_describe(labels)}")
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _describe(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "nothing" if value is None else type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool, a string, NaN or infinity)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -113,6 +134,9 @@ def _batch_size(batch: dict[str, Any]) -> int:
 def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
     """Split every tensor (and list) along dim 0 into ``chunks`` nearly equal parts."""
     size = _batch_size(batch)
+    if not _is_int(chunks) or not 1 <= chunks <= size:
+        raise ValueError(f"chunks must be an int in [1, batch size={size}] (every part needs "
+                         f"at least one example), got {chunks!r}")
     bounds = [size * i // chunks for i in range(chunks + 1)]
     parts = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -157,10 +181,20 @@ class BatchLoader:
                                      ("accumulation_steps", accumulation_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        if not isinstance(seed, int):
+        if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        for name, value in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if isinstance(examples, (str, bytes, Mapping)) or not (
+                hasattr(examples, "__len__") and hasattr(examples, "__getitem__")):
+            raise TypeError(f"examples must be a sequence (a list, or a map-style data set with "
+                            f"__len__ and __getitem__), got {type(examples).__name__}")
+        if not callable(target_counter):
+            raise TypeError(f"target_counter must be callable as target_counter(batch), "
+                            f"got {type(target_counter).__name__}")
         self.chunks = world_size * accumulation_steps
         if global_batch_size % self.chunks:
             raise ValueError(
@@ -239,12 +273,21 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at exactly the batch after the one delivered last before saving."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from BatchLoader.state_dict(), "
+                            f"got {type(state).__name__}")
         for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
                           ("num_examples", len(self.examples))):
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
                                  f"{key}={mine!r}; resuming would not continue the same data stream")
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+        epoch, batch_index = state.get("epoch"), state.get("batch_index")
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(f"loader state must have an epoch >= 0, got {epoch!r}")
+        if not _is_int(batch_index) or not 0 <= batch_index <= self.batches_per_epoch:
+            raise ValueError(f"loader state must have a batch_index in [0, batches_per_epoch="
+                             f"{self.batches_per_epoch}], got {batch_index!r}")
+        self.epoch, self.batch_index = int(epoch), int(batch_index)
 
 
 def default_loss_step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -269,6 +312,12 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    for name, value, minimum in (("step", step, 0), ("warmup_steps", warmup_steps, 0),
+                                 ("total_steps", total_steps, 1)):
+        if not _is_int(value) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not _is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -287,6 +336,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     list (``bias``, ``LayerNorm.weight``) without depending on attribute names, and is
     nanoGPT's rule. Tied parameters appear once.
     """
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -319,7 +370,23 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, (tuple, list)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
+        for name in ("lr", "weight_decay", "eps", "min_lr_ratio") + \
+                (("grad_clip",) if self.grad_clip is not None else ()):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not all(_is_number(b) for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name in ("compile", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0' (or a "
+                             f"torch.device), got {self.device!r}")
         positive = {"steps": self.steps, "log_every": self.log_every,
                     "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
@@ -327,14 +394,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("eval_every", "save_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.schedule not in SCHEDULES:
@@ -393,6 +462,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[s
     Meant to be wrapped in an ``eval_fn``; :func:`train` calls that in eval mode under
     ``torch.no_grad()``.
     """
+    _check_batches(batches, "evaluate_loss")
     device = next(model.parameters()).device
     total, targets = 0.0, 0
     for batch in batches:
@@ -405,6 +475,13 @@ def evaluate_loss(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[s
     if targets == 0:
         raise ValueError("evaluate_loss: the evaluation batches contain no targets")
     return {"eval_loss": total / targets, "eval_targets": targets}
+
+
+def _check_batches(batches: Any, caller: str) -> None:
+    """``batches`` must be a list of collated batches (dicts), not one batch."""
+    if isinstance(batches, (dict, str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"{caller}: batches must be a list of collated batches (dicts), "
+                        f"got {type(batches).__name__}")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -547,6 +624,16 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
     checkpoints and compared on resume.
     """
     config = _resolve_config(config, overrides)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(getattr(loader, "next_batch", None)):
+        raise TypeError(f"loader must be a BatchLoader, got {type(loader).__name__}")
+    if not callable(loss_step):
+        raise TypeError(f"loss_step must be callable as loss_step(model, batch), "
+                        f"got {type(loss_step).__name__}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be None or callable as eval_fn(model), "
+                        f"got {type(eval_fn).__name__}")
     context = distributed.current_context(config.device)
     if (loader.rank, loader.world_size) != (context.rank, context.world_size):
         raise ValueError(f"loader was built for rank {loader.rank} of {loader.world_size} but this "
