@@ -31,6 +31,7 @@ checkpoint is downloaded from the Hugging Face Hub when online.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -457,8 +458,23 @@ def _from_hf_name(name: str, revision: str | None) -> nn.Module:
     if model_type not in classes:
         raise TypeError(f"from_hf converts BERT and DeBERTa-v2/v3 checkpoints; {name!r} is a "
                         f"{model_type!r} model")
-    hf_model = classes[model_type].from_pretrained(folder, local_files_only=True)
+    with _quiet_loading(transformers):
+        hf_model = classes[model_type].from_pretrained(folder, local_files_only=True)
     return from_hf(hf_model.eval())
+
+
+@contextlib.contextmanager
+def _quiet_loading(transformers):
+    """No "Loading weights" progress bar while a local checkpoint loads (a notebook would
+    store it as output); the setting is restored afterwards."""
+    utils = transformers.utils.logging
+    was_enabled = utils.is_progress_bar_enabled()
+    utils.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            utils.enable_progress_bar()
 
 
 def load_pretrained(name: str = "bert-base-uncased", task: str = "mlm",
