@@ -435,3 +435,17 @@ def test_switchable_options_are_the_marked_position_fields():
 
 def test_the_toy_block_left_no_trace():
     assert "toy" not in EXTENSIONS.blocks
+
+
+def test_technique_options_are_checked_by_their_technique_modules():
+    from tutorial_lib.core import config as core_config
+    from tutorial_lib.techniques import deberta, extrapolation
+
+    assert extrapolation.check_config in core_config.CONFIG_CHECKS
+    assert deberta.check_config in core_config.CONFIG_CHECKS
+    with pytest.raises(ValueError, match="rerope_window modifies RoPE"):
+        TransformerConfig.preset("tiny", rerope_window=4)
+    with pytest.raises(ValueError, match="norm_rel_ebd"):
+        TransformerConfig.preset("tiny", relative_attention=True, norm_rel_ebd="batch_norm")
+    with pytest.raises(TypeError, match="check must be callable"):
+        core_config.register_config_check("not a function")

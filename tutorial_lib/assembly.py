@@ -8,7 +8,8 @@ registry when the package is imported:
   NTK/ReRoPE variants, ALiBi, sliding windows, log-n scaling), rebuilt by
   :func:`~tutorial_lib.core.model.position_options` on a trained model;
 * DeBERTa's relative table and disentangled-attention plugin (chapter 3) when
-  ``config.relative_attention`` is set.
+  ``config.relative_attention`` is set;
+* each technique's checks of the config options it owns.
 
 A new chapter whose technique is switched on by a config option adds one line here;
 a technique used by building it explicitly (a loss step, a head decoder, a block
@@ -18,10 +19,10 @@ registered with ``EXTENSIONS.register_block``) adds nothing.
 from __future__ import annotations
 
 from tutorial_lib.core.attention import AttentionPlugin
-from tutorial_lib.core.config import TransformerConfig
+from tutorial_lib.core.config import TransformerConfig, register_config_check
 from tutorial_lib.core.model import EXTENSIONS
 from tutorial_lib.core.positions import RotaryEmbedding
-from tutorial_lib.techniques import deberta
+from tutorial_lib.techniques import deberta, extrapolation
 from tutorial_lib.techniques.extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding,
                                                    SlidingWindowMask, ntk_scaled_base)
 
@@ -49,5 +50,7 @@ def position_plugins(config: TransformerConfig) -> list[AttentionPlugin]:
 
 
 EXTENSIONS.position_plugins = position_plugins
+register_config_check(extrapolation.check_config)
+register_config_check(deberta.check_config)
 if deberta.extend_encoder not in EXTENSIONS.encoder_extensions:
     EXTENSIONS.encoder_extensions.append(deberta.extend_encoder)

@@ -28,6 +28,19 @@ ROTARY_PAIRINGS = ("half", "interleaved")
 POSITION_TERMS = ("c2p", "p2c")
 P2C_CONVENTIONS = ("code", "paper")
 REL_NORMS = ("none", "layer_norm")
+# Checks of the options a technique owns, registered by tutorial_lib.assembly: each is
+# called as check(config) by TransformerConfig.validate and raises ValueError.
+CONFIG_CHECKS: list = []
+
+
+def register_config_check(check) -> None:
+    """Have every ``TransformerConfig`` validated by ``check(config)`` too (once)."""
+    if not callable(check):
+        raise TypeError(f"check must be callable as check(config), got {type(check).__name__}")
+    if check not in CONFIG_CHECKS:
+        CONFIG_CHECKS.append(check)
+
+
 # Field metadata of the options that may change on a trained model.
 SWITCHABLE = {"switchable": True}
 
@@ -56,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite real number (not a bool, a string, NaN or infinity)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) \
         and math.isfinite(value)
@@ -177,11 +190,11 @@ class TransformerConfig:
             raise ValueError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
+            if not is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if not _is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+        if not is_number(self.initializer_range) or self.initializer_range < 0:
             raise ValueError(f"initializer_range must be a number >= 0 (the standard deviation "
                              f"of the initial weights), got {self.initializer_range!r}")
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool) \
@@ -199,58 +212,10 @@ class TransformerConfig:
         if self.rotary and self.head_dim % 2:
             raise ValueError(f"rotary needs an even head dimension, got hidden_size/num_heads "
                              f"= {self.head_dim}")
-        if not _is_number(self.rotary_base) or self.rotary_base <= 1:
+        if not is_number(self.rotary_base) or self.rotary_base <= 1:
             raise ValueError(f"rotary_base must be > 1, got {self.rotary_base!r}")
-        for name, minimum in (("attention_window", 1), ("rerope_window", 1),
-                              ("logn_training_length", 2)):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < minimum):
-                raise ValueError(f"{name} must be None or an integer >= {minimum}, "
-                                 f"got {value!r}")
-        factor = self.rotary_ntk_factor
-        if not _is_number(factor) or not factor >= 1:
-            raise ValueError(f"rotary_ntk_factor must be a number >= 1 (1 = off), got {factor!r}")
-        for name, active in (("rotary_ntk_factor", factor != 1),
-                             ("rerope_window", self.rerope_window is not None)):
-            if active and not self.rotary:
-                raise ValueError(f"{name} modifies RoPE and needs rotary=True")
-        if factor != 1 and self.head_dim < 4:
-            raise ValueError(f"rotary_ntk_factor needs a head dimension >= 4, got hidden_size/"
-                             f"num_heads = {self.head_dim}")
-        if not isinstance(self.alibi, bool):
-            raise ValueError(f"alibi must be True or False, got {self.alibi!r}")
-        self._validate_disentangled_attention()
-
-    def _validate_disentangled_attention(self) -> None:
-        for name in ("relative_attention", "share_att_key"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        terms = self.pos_att_type
-        if not isinstance(terms, tuple) or any(t not in POSITION_TERMS for t in terms) \
-                or len(set(terms)) != len(terms):
-            raise ValueError(f"pos_att_type must be distinct entries of {POSITION_TERMS} "
-                             f"(or 'c2p|p2c'), got {terms!r}")
-        if not isinstance(self.position_buckets, int) or isinstance(self.position_buckets, bool) \
-                or self.position_buckets < 0 or self.position_buckets == 1:
-            raise ValueError(f"position_buckets must be 0 (no log buckets) or an integer >= 2, "
-                             f"got {self.position_buckets!r}")
-        maximum = self.max_relative_positions
-        if maximum is not None and (not isinstance(maximum, int) or isinstance(maximum, bool)
-                                    or maximum < 1):
-            raise ValueError(f"max_relative_positions must be None or an integer >= 1, "
-                             f"got {maximum!r}")
-        if self.position_buckets and \
-                self.resolved_max_relative_positions - 1 <= self.position_buckets // 2:
-            raise ValueError(
-                f"max_relative_positions ({self.resolved_max_relative_positions}) must exceed "
-                f"position_buckets // 2 + 1 ({self.position_buckets // 2 + 1}): the log "
-                f"buckets spread the distances between the two")
-        if self.norm_rel_ebd not in REL_NORMS:
-            raise ValueError(f"norm_rel_ebd must be one of {REL_NORMS}, got {self.norm_rel_ebd!r}")
-        if self.p2c_convention not in P2C_CONVENTIONS:
-            raise ValueError(f"p2c_convention must be one of {P2C_CONVENTIONS}, "
-                             f"got {self.p2c_convention!r}")
+        for check in CONFIG_CHECKS:  # the techniques' own options (tutorial_lib.assembly)
+            check(self)
 
     # -- presets and serialisation -------------------------------------------------
     @classmethod

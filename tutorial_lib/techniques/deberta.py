@@ -414,3 +414,35 @@ def extend_encoder(encoder: nn.Module, config) -> None:
     encoder.relative_embeddings = RelativePositionTable(
         config.relative_span, config.hidden_size, config.norm_rel_ebd, config.layer_norm_eps)
     encoder.attention_plugins.append(DisentangledAttention.from_config(config))
+
+
+def check_config(config) -> None:
+    """The config checks of disentangled attention's options (registered with the core by
+    :mod:`tutorial_lib.assembly`)."""
+    for name in ("relative_attention", "share_att_key"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
+    terms = config.pos_att_type
+    if not isinstance(terms, tuple) or any(t not in POSITION_TERMS for t in terms) \
+            or len(set(terms)) != len(terms):
+        raise ValueError(f"pos_att_type must be distinct entries of {POSITION_TERMS} "
+                         f"(or 'c2p|p2c'), got {terms!r}")
+    buckets = config.position_buckets
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 0 or buckets == 1:
+        raise ValueError(f"position_buckets must be 0 (no log buckets) or an integer >= 2, "
+                         f"got {buckets!r}")
+    maximum = config.max_relative_positions
+    if maximum is not None and (not isinstance(maximum, int) or isinstance(maximum, bool)
+                                or maximum < 1):
+        raise ValueError(f"max_relative_positions must be None or an integer >= 1, "
+                         f"got {maximum!r}")
+    if buckets and config.resolved_max_relative_positions - 1 <= buckets // 2:
+        raise ValueError(
+            f"max_relative_positions ({config.resolved_max_relative_positions}) must exceed "
+            f"position_buckets // 2 + 1 ({buckets // 2 + 1}): the log "
+            f"buckets spread the distances between the two")
+    if config.norm_rel_ebd not in REL_NORMS:
+        raise ValueError(f"norm_rel_ebd must be one of {REL_NORMS}, got {config.norm_rel_ebd!r}")
+    if config.p2c_convention not in P2C_CONVENTIONS:
+        raise ValueError(f"p2c_convention must be one of {P2C_CONVENTIONS}, "
+                         f"got {config.p2c_convention!r}")

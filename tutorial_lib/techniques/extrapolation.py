@@ -76,6 +76,7 @@ import math
 import torch
 
 from tutorial_lib.core.attention import AttentionContext, AttentionPlugin
+from tutorial_lib.core.config import is_number
 from tutorial_lib.core.positions import RotaryEmbedding
 
 # -- NTK-aware RoPE --------------------------------------------------------------------
@@ -359,3 +360,27 @@ def _positions_step_at_least_one(ctx: AttentionContext) -> bool:
     if query is not key and (query.shape != key.shape or not torch.equal(query, key)):
         return False
     return bool((key.diff(dim=-1) >= 1).all())
+
+
+def check_config(config) -> None:
+    """The config checks of the options this module owns (registered with the core by
+    :mod:`tutorial_lib.assembly`): windows, ReRoPE, log-n scaling, NTK scaling, ALiBi."""
+    for name, minimum in (("attention_window", 1), ("rerope_window", 1),
+                          ("logn_training_length", 2)):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < minimum):
+            raise ValueError(f"{name} must be None or an integer >= {minimum}, "
+                             f"got {value!r}")
+    factor = config.rotary_ntk_factor
+    if not is_number(factor) or not factor >= 1:
+        raise ValueError(f"rotary_ntk_factor must be a number >= 1 (1 = off), got {factor!r}")
+    for name, active in (("rotary_ntk_factor", factor != 1),
+                         ("rerope_window", config.rerope_window is not None)):
+        if active and not config.rotary:
+            raise ValueError(f"{name} modifies RoPE and needs rotary=True")
+    if factor != 1 and config.head_dim < 4:
+        raise ValueError(f"rotary_ntk_factor needs a head dimension >= 4, got hidden_size/"
+                         f"num_heads = {config.head_dim}")
+    if not isinstance(config.alibi, bool):
+        raise ValueError(f"alibi must be True or False, got {config.alibi!r}")
