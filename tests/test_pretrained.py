@@ -42,7 +42,7 @@ def test_interrupted_build_leaves_no_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "train", crash)
     with pytest.raises(KeyboardInterrupt):
         pretrained.baseline_mlm(SMALL, cache_dir=tmp_path)
-    assert not list(tmp_path.glob("baseline-mlm-*"))
+    assert not list(tmp_path.glob("study-baseline-*"))
     monkeypatch.undo()
     assert pretrained.baseline_mlm(SMALL, cache_dir=tmp_path).trained_now
 
@@ -60,7 +60,7 @@ def test_command_line_builds_then_finds_the_entry(tmp_path, monkeypatch, capsys)
     assert "ran now" in first and "accuracy" in first
     assert studies_cli.main(["baseline", "--scale", "cpu", "--cache-dir", str(tmp_path)]) == 0
     assert "found in the cache" in capsys.readouterr().out
-    assert len(list(tmp_path.glob("baseline-mlm-*"))) == 1
+    assert len(list(tmp_path.glob("study-baseline-*"))) == 1
     with pytest.raises(SystemExit):
         studies_cli.main(["baseline", "--scale", "tpu"])
     with pytest.raises(SystemExit):

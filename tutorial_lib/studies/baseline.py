@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from tutorial_lib import __version__, data
-from tutorial_lib.studies import records
+from tutorial_lib.studies import harness, records
 from tutorial_lib.data.batching import MLMCollator, mlm_examples
 from tutorial_lib.training.checkpoint import load_weights
 from tutorial_lib.core.config import TransformerConfig
@@ -207,8 +207,8 @@ def load_baseline_encoder_into(model: torch.nn.Module, baseline: Baseline) -> to
 
 
 def entry_name(recipe: BaselineRecipe) -> str:
-    """The cache entry's folder name: the recipe's name and key."""
-    return f"baseline-mlm-{recipe.name}-{recipe.key()}"
+    """The cache entry's folder name: ``study-baseline-<recipe name>-<key>``."""
+    return harness.entry_name("baseline", recipe.name, recipe.key())
 
 
 def _recipe(scale: str | BaselineRecipe) -> BaselineRecipe:

@@ -41,9 +41,8 @@ from tutorial_lib.training.evaluation import classification_metrics, fixed_batch
 from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import (RECIPES, Baseline, BaselineRecipe, baseline_mlm,
-                                           entry_name, load_baseline_encoder_into,
-                                           models_cache_dir)
-from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
+                                           load_baseline_encoder_into, models_cache_dir)
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           run_with_one_thread, safe_name, write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
@@ -272,7 +271,8 @@ def run_study(study: str | Study, *, cache_dir: str | Path | None = None, rebuil
     check_workers(workers)
     baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"study-{study.name}-{study.key(baseline.path.name)}"
+    entry = root / entry_name(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
+                              study.key(baseline.recipe.key()))
     names = [_run_file(name, seed) for seed in study.seeds for name, _ in study.methods]
     jobs = [(f"runs/{_run_file(study.methods[index][0], seed)}", _run_in_worker,
              (study, cache_dir, seed, index))
@@ -351,7 +351,7 @@ def _baseline_recipe(study: Study) -> BaselineRecipe:
 def study_key(study: str | Study) -> str:
     """The study's cache key, computed from the code alone (no training)."""
     study = _study(study)
-    return study.key(entry_name(_baseline_recipe(study)))
+    return study.key(_baseline_recipe(study).key())
 
 
 def _data_files() -> list[str]:

@@ -54,6 +54,16 @@ def run_with_one_thread(function: Callable[..., str], *args) -> str:
         torch.set_num_threads(threads)
 
 
+def entry_name(study: str, scale: str, key: str) -> str:
+    """Every study's cache entry is named ``study-<study>-<scale>-<key>``: the study's
+    name (as on the command line and in its record's file name), its recipe's scale and
+    the recipe's cache key."""
+    for name, value in (("study", study), ("scale", scale), ("key", key)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return f"study-{study}-{scale}-{key}"
+
+
 def build_message(what: str, built_now: bool, seconds: float, path: Path) -> str:
     """The line a study's command prints once its entry exists."""
     state = f"ran now in {seconds:.0f} s" if built_now else "found in the cache"

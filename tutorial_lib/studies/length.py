@@ -46,7 +46,7 @@ from tutorial_lib.techniques.extrapolation import evenly_spaced_positions, rando
 from tutorial_lib.core.model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import models_cache_dir
-from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, count_shifted_targets, seed_everything, train
 
@@ -527,7 +527,7 @@ def run_length_study(recipe: str | LengthRecipe = "cpu", *, cache_dir: str | Pat
         recipe = LENGTH_RECIPES[recipe]
     check_workers(workers)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"study-length-{recipe.name}-{study_key(recipe)}"
+    entry = root / entry_name("length", recipe.name, study_key(recipe))
     names = [f"{kind}-seed{seed}.json" for kind, seed in _jobs(recipe)]
     jobs = [(f"runs/{kind}-seed{seed}.json", _run_job, (recipe, kind, seed))
             for kind, seed in _jobs(recipe)]

@@ -44,8 +44,7 @@ from tutorial_lib.core.model import MaskedLM
 from tutorial_lib.studies.baseline import (Baseline, BaselineRecipe, RECIPES, baseline_mlm, models_cache_dir,
                          pretrain_mlm)
 from tutorial_lib.studies import records
-from tutorial_lib.studies.baseline import entry_name
-from tutorial_lib.studies.harness import build_study_entry, check_workers, safe_name
+from tutorial_lib.studies.harness import build_study_entry, check_workers, entry_name, safe_name
 from tutorial_lib.training.loop import seed_everything
 
 VARIANTS = ("absolute", "relative bias", "disentangled", "disentangled + EMD")
@@ -110,7 +109,7 @@ def _folder(variant: str) -> str:
 
 def study_key(recipe: BaselineRecipe) -> str:
     """The study's cache key, computed from the code alone (no training)."""
-    payload = json.dumps({"recipe": dataclasses.asdict(recipe), "baseline": entry_name(recipe),
+    payload = json.dumps({"recipe": dataclasses.asdict(recipe), "baseline": recipe.key(),
                           "variants": VARIANTS, "buckets": POSITION_BUCKETS,
                           "max_relative": MAX_RELATIVE, "tutorial_lib": __version__},
                          sort_keys=True)
@@ -128,7 +127,7 @@ def position_study(recipe: str | BaselineRecipe = "cpu", *,
     check_workers(workers)
     baseline = baseline_mlm(recipe, cache_dir=cache_dir)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"study-positions-{baseline.recipe.name}-{study_key(baseline.recipe)}"
+    entry = root / entry_name("positions", baseline.recipe.name, study_key(baseline.recipe))
     jobs = [(f"{_folder(variant)}/DONE", _train_variant, (recipe, cache_dir, variant))
             for variant in VARIANTS[1:]]
     built_now = build_study_entry(entry, jobs, lambda: {"variants": list(VARIANTS)},

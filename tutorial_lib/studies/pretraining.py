@@ -31,10 +31,10 @@ from pathlib import Path
 from tutorial_lib import __version__
 from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies import records
-from tutorial_lib.studies.baseline import RECIPES, baseline_mlm, entry_name, \
-    load_baseline_encoder_into, models_cache_dir
+from tutorial_lib.studies.baseline import (RECIPES, baseline_mlm, load_baseline_encoder_into,
+                                           models_cache_dir)
 from tutorial_lib.studies.finetune import SST2_RECIPES, fine_tune_sst2, sst2_data
-from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers,
+from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           run_with_one_thread, safe_name, write_json_atomic)
 from tutorial_lib.training.evaluation import classification_metrics
 from tutorial_lib.training.loop import seed_everything
@@ -62,7 +62,7 @@ def study_key() -> str:
         minilm_package = "not installed"
     payload = json.dumps({
         "recipes": {start: dataclasses.asdict(_recipe(start)) for start in STARTS},
-        "seeds": SEEDS, "baseline": entry_name(RECIPES["cpu"]),
+        "seeds": SEEDS, "baseline": RECIPES["cpu"].key(),
         "minilm_package": minilm_package, "tutorial_lib": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -129,7 +129,7 @@ def run_pretraining_study(*, cache_dir=None, rebuild: bool = False, workers: int
     check_workers(workers)
     baseline_mlm("cpu", cache_dir=cache_dir)  # before the workers, which all need it
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / f"study-pretraining-cpu-{study_key()}"
+    entry = root / entry_name("pretraining", "cpu", study_key())
     jobs = [(_run_file(start, seed), _run_job, (start, seed, cache_dir))
             for start in STARTS for seed in SEEDS]
     built_now = build_study_entry(entry, jobs, lambda: {"runs": _names()}, rebuild=rebuild,
