@@ -54,7 +54,9 @@ def test_characters_split_and_round_trip():
     chars = ls.shakespeare_chars(TEXT)
     assert chars.decode(chars.train_ids[:20]) == TEXT[:20]
     assert len(chars.train_ids) + len(chars.test_ids) == len(TEXT)
-    assert chars.train_ids.min() >= 1 and chars.mask_id == chars.vocab_size - 1
+    # The library's character tokenizer: <pad> = 0, <mask> = 1, then the alphabet.
+    assert chars.mask_id == 1 and chars.train_ids.min() >= 2
+    assert chars.vocab_size == len(set(TEXT)) + 2 and chars.alphabet == "".join(sorted(set(TEXT)))
     with pytest.raises(ValueError, match="text"):
         ls.shakespeare_chars("short")
 
@@ -76,16 +78,23 @@ def test_test_windows_do_not_overlap_and_check_the_text_length():
         ls.test_windows(ids, 30, 4)
 
 
-def test_masking_follows_bert_proportions():
-    windows = torch.randint(1, 60, (64, 64))
-    batch = ls.mask_characters(windows, mask_id=61, vocab_size=62, mask_probability=0.15,
-                               generator=torch.Generator().manual_seed(0))
+def test_mlm_windows_are_masked_by_the_library_collator_in_bert_proportions():
+    chars = ls.shakespeare_chars(TEXT * 20)
+    collate = ls.MaskedWindows(chars.train_ids, 64, chars.mlm_collator(0.15))
+    starts = list(range(0, 64 * 64, 64))
+    batch = collate(starts, torch.Generator().manual_seed(0))
+    windows = torch.stack([chars.train_ids[s: s + 64] for s in starts])
     chosen = batch["labels"] != -100
     assert abs(chosen.float().mean().item() - 0.15) < 0.02
     assert (batch["labels"][chosen] == windows[chosen]).all()
     assert (batch["input_ids"][~chosen] == windows[~chosen]).all()
-    masked = (batch["input_ids"] == 61).sum().item() / chosen.sum().item()
+    masked = (batch["input_ids"] == chars.mask_id).sum().item() / chosen.sum().item()
     assert 0.75 < masked < 0.85
+    # Random replacements are characters, never <pad> or <mask>.
+    replaced = chosen & (batch["input_ids"] != chars.mask_id) & (batch["input_ids"] != windows)
+    assert (batch["input_ids"][replaced] >= 2).all()
+    again = collate(starts, torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], batch["input_ids"])  # the generator fixes it
 
 
 def test_random_position_training_batches_carry_sorted_positions():

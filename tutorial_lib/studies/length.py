@@ -11,8 +11,13 @@ separately is only what needs its own weights:
 * a bidirectional RoPE masked LM, for Su's entropy-invariance (log-n) experiment.
 
 Everything else is switched on the trained RoPE model at inference with
-:func:`~tutorial_lib.core.model.set_position_options`: sliding windows (the "super
+:func:`~tutorial_lib.core.model.position_options`: sliding windows (the "super
 baseline"), log-n scaling, NTK-aware base scaling (factor ``n/m``), ReRoPE.
+
+The characters are ids of the library's :class:`~tutorial_lib.data.tokenization.CharTokenizer`,
+the masked LM is trained and scored with its :class:`~tutorial_lib.data.batching.MLMCollator`
+and :func:`~tutorial_lib.training.evaluation.masked_lm_metrics`, and every model is
+trained by the library's loop.
 
 Two test sets are cut from the last tenth of the text, which no model trains on:
 *natural* windows of ``n`` characters, and *repeated* ones, ``n/2`` characters
@@ -24,7 +29,7 @@ same way (at the training length, so the look-back never exceeds ``m/2``).
 :func:`run_length_study` trains and evaluates everything, writing each finished
 run to disk at once (an interrupted study resumes) and caching the numbers (no
 weights) next to the book's baseline, like :mod:`tutorial_lib.studies.finetune`.
-``python -m tutorial_lib.studies.length`` builds it ahead of the notebooks.
+``python -m tutorial_lib.studies length --record`` writes the record chapter 5 reads.
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ from torch import nn
 from tutorial_lib import __version__, data
 from tutorial_lib.core.config import TransformerConfig
 from tutorial_lib.techniques.extrapolation import evenly_spaced_positions, random_positions
-from tutorial_lib.core.model import IGNORE_INDEX, CausalLM, MaskedLM, set_position_options
+from tutorial_lib.core.model import CausalLM, MaskedLM, position_options
+from tutorial_lib.data.batching import MLMCollator
+from tutorial_lib.data.tokenization import CharTokenizer
+from tutorial_lib.training.evaluation import fixed_mlm_batches, masked_lm_metrics
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import models_cache_dir
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
@@ -135,23 +143,31 @@ LENGTH_RECIPES = {
 
 @dataclass
 class CharData:
-    """Tiny Shakespeare as character ids: id 0 is padding, the last id is [MASK]."""
+    """Tiny Shakespeare as character ids of the library's :class:`CharTokenizer`
+    (``<pad>`` = 0, ``<mask>`` = 1, then the alphabet), split 90/10 by position."""
 
-    alphabet: str
+    tokenizer: CharTokenizer
     train_ids: torch.Tensor  # (characters,) long, the first 90% of the text
     test_ids: torch.Tensor  # (characters,) long, the last 10%
 
     @property
+    def alphabet(self) -> str:
+        return self.tokenizer.alphabet
+
+    @property
     def vocab_size(self) -> int:
-        return len(self.alphabet) + 2
+        return self.tokenizer.vocab_size
 
     @property
     def mask_id(self) -> int:
-        return len(self.alphabet) + 1
+        return self.tokenizer.mask_id
 
     def decode(self, ids) -> str:
-        return "".join(self.alphabet[i - 1] if 1 <= i <= len(self.alphabet) else "?"
-                       for i in (ids.tolist() if torch.is_tensor(ids) else ids))
+        return self.tokenizer.decode(ids.tolist() if torch.is_tensor(ids) else ids)
+
+    def mlm_collator(self, mask_probability: float) -> MLMCollator:
+        """The library's masked-LM collator (BERT's 80/10/10) for these characters."""
+        return MLMCollator.from_tokenizer(self.tokenizer, mlm_probability=mask_probability)
 
 
 def shakespeare_chars(text: str | None = None) -> CharData:
@@ -160,11 +176,10 @@ def shakespeare_chars(text: str | None = None) -> CharData:
         text = data.load_tiny_shakespeare()
     if len(text) < 100:
         raise ValueError(f"text must hold at least 100 characters, got {len(text)}")
-    alphabet = "".join(sorted(set(text)))
-    lookup = {c: i + 1 for i, c in enumerate(alphabet)}
-    ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    tokenizer = CharTokenizer.from_text(text, specials=("mask",))
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     cut = int(len(ids) * 0.9)
-    return CharData(alphabet, ids[:cut], ids[cut:])
+    return CharData(tokenizer, ids[:cut], ids[cut:])
 
 
 def repeat_halves(windows: torch.Tensor) -> torch.Tensor:
@@ -205,30 +220,14 @@ class CausalWindows:
 
 
 class MaskedWindows:
-    """Collate for MLM training: BERT's 80/10/10 corruption of ``mask_probability``."""
+    """Collate for MLM training: random windows, masked by the library's collator."""
 
-    def __init__(self, ids: torch.Tensor, length: int, mask_id: int, vocab_size: int,
-                 mask_probability: float):
-        self.ids, self.length = ids, length
-        self.mask_id, self.vocab_size = mask_id, vocab_size
-        self.mask_probability = mask_probability
+    def __init__(self, ids: torch.Tensor, length: int, collator: MLMCollator):
+        self.ids, self.length, self.collator = ids, length, collator
 
     def __call__(self, starts: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        windows = torch.stack([self.ids[s: s + self.length] for s in starts])
-        return mask_characters(windows, self.mask_id, self.vocab_size, self.mask_probability,
-                               generator)
-
-
-def mask_characters(windows: torch.Tensor, mask_id: int, vocab_size: int,
-                    mask_probability: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """BERT's corruption: of the chosen characters 80% become [MASK], 10% random, 10% kept."""
-    chosen = torch.rand(windows.shape, generator=generator) < mask_probability
-    labels = torch.where(chosen, windows, torch.full_like(windows, IGNORE_INDEX))
-    roll = torch.rand(windows.shape, generator=generator)
-    random_ids = torch.randint(1, mask_id, windows.shape, generator=generator)
-    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(windows, mask_id), windows)
-    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
-    return {"input_ids": inputs, "labels": labels}
+        windows = [{"input_ids": self.ids[s: s + self.length].tolist()} for s in starts]
+        return self.collator(windows, generator=generator)
 
 
 # -- models ----------------------------------------------------------------------------
@@ -275,8 +274,8 @@ def train_masked(recipe: LengthRecipe, chars: CharData, seed: int,
     """Train the bidirectional RoPE masked LM of the log-n experiment."""
     seed_everything(seed)
     model = MaskedLM(model_config(recipe, "rope", chars.vocab_size, causal=False))
-    collate = MaskedWindows(chars.train_ids, recipe.train_length, chars.mask_id,
-                            chars.vocab_size, recipe.mask_probability)
+    collate = MaskedWindows(chars.train_ids, recipe.train_length,
+                            chars.mlm_collator(recipe.mask_probability))
     _fit(model, recipe, chars, collate, recipe.mlm_steps, seed, device)
     return model
 
@@ -360,53 +359,36 @@ def evaluate_variant(model: CausalLM, variant: Variant, recipe: LengthRecipe,
     m = recipe.train_length
     result: dict[str, list[float]] = {"loss": [], "accuracy": [], "repeated_loss": [],
                                       "repeated_accuracy": []}
-    try:
-        for n in recipe.test_lengths:
-            options = dict(variant.options)
-            if variant.ntk:
-                options["rotary_ntk_factor"] = float(max(1.0, n / m))
-            set_position_options(model, **options)
-            positions = (evenly_spaced_positions(n, recipe.position_range)
-                         if variant.positions == "evenly-spaced" else None)
-            count = max(1, recipe.eval_tokens // n)
+    for n in recipe.test_lengths:
+        options = dict(variant.options)
+        if variant.ntk:
+            options["rotary_ntk_factor"] = float(max(1.0, n / m))
+        positions = (evenly_spaced_positions(n, recipe.position_range)
+                     if variant.positions == "evenly-spaced" else None)
+        count = max(1, recipe.eval_tokens // n)
+        with position_options(model, **options):  # the trained model's own options after
             natural = test_windows(chars.test_ids, n, count)
             loss, accuracy = causal_scores(model, natural, positions)
             repeated = repeat_halves(test_windows(chars.test_ids, n, count))
             # Targets n/2 .. n-1: the copy of the first half, after its first character.
             r_loss, r_accuracy = causal_scores(model, repeated, positions, from_index=n // 2)
-            for key, value in (("loss", loss), ("accuracy", accuracy),
-                               ("repeated_loss", r_loss), ("repeated_accuracy", r_accuracy)):
-                result[key].append(value)
-    finally:
-        set_position_options(model, rotary_ntk_factor=1.0, rerope_window=None,
-                             attention_window=None, logn_training_length=None)
+        for key, value in (("loss", loss), ("accuracy", accuracy),
+                           ("repeated_loss", r_loss), ("repeated_accuracy", r_accuracy)):
+            result[key].append(value)
     return result
 
 
 @torch.no_grad()
 def masked_accuracy(model: MaskedLM, recipe: LengthRecipe, chars: CharData, length: int,
                     logn: bool, seed: int = 0) -> float:
-    """Accuracy on the masked characters of held-out windows of ``length`` characters."""
-    set_position_options(model, logn_training_length=recipe.train_length if logn else None)
-    try:
-        count = max(1, recipe.eval_tokens // length)
-        windows = test_windows(chars.test_ids, length, count)
-        generator = torch.Generator().manual_seed(seed)
-        batch = mask_characters(windows, chars.mask_id, chars.vocab_size,
-                                recipe.mask_probability, generator)
-        device = next(model.parameters()).device
-        batch = {key: value.to(device) for key, value in batch.items()}
-        correct, total = 0, 0
-        for start in range(0, count, 16):
-            inputs = batch["input_ids"][start: start + 16]
-            labels = batch["labels"][start: start + 16]
-            logits = model(inputs).logits
-            chosen = labels != IGNORE_INDEX
-            correct += int((logits.argmax(-1)[chosen] == labels[chosen]).sum())
-            total += int(chosen.sum())
-    finally:
-        set_position_options(model, logn_training_length=None)
-    return correct / total
+    """Accuracy on the masked characters of held-out windows of ``length`` characters,
+    masked by the library's collator and scored by its :func:`masked_lm_metrics`."""
+    count = max(1, recipe.eval_tokens // length)
+    windows = [{"input_ids": row.tolist()} for row in test_windows(chars.test_ids, length, count)]
+    batches = fixed_mlm_batches(windows, chars.mlm_collator(recipe.mask_probability),
+                                batch_size=16, seed=seed)
+    with position_options(model, logn_training_length=recipe.train_length if logn else None):
+        return masked_lm_metrics(model, batches)["mlm_accuracy"]
 
 
 # -- the cached study ------------------------------------------------------------------
@@ -417,6 +399,10 @@ def study_key(recipe: LengthRecipe) -> str:
     entry = data.REGISTRY["tinyshakespeare/input.txt"]
     payload = json.dumps({"recipe": dataclasses.asdict(recipe),
                           "variants": {k: repr(v) for k, v in variants(recipe).items()},
+                          # How characters become ids and masks: a change here changes
+                          # every number, so it changes the key.
+                          "ids": "CharTokenizer(<pad>, <mask>, sorted alphabet)",
+                          "masking": "MLMCollator (BERT 80/10/10)",
                           "data": entry.sha256 or entry.git_blob_sha1,
                           "tutorial_lib": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
