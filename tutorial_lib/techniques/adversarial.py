@@ -1,4 +1,16 @@
-"""Adversarial training in embedding space: FGM, PGD, FreeLB, VAT and ALUM/SMART.
+r"""Adversarial training in embedding space: FGM, PGD, FreeLB, VAT and ALUM/SMART.
+
+Chapter 1. Miyato, Dai and Goodfellow, "Adversarial Training Methods for
+Semi-Supervised Text Classification" (ICLR 2017: FGM on word embeddings; VAT);
+Madry et al. (ICLR 2018: PGD); Zhu et al., "FreeLB" (ICLR 2020); Liu et al., "ALUM"
+(2020) and Jiang et al., "SMART" (ACL 2020). All of them approximate
+
+.. math:: \min_\theta \; \mathbb E_{(x, y)} \max_{\lVert\delta\rVert \le \varepsilon}
+          L(\theta;\, E(x) + \delta,\, y)
+
+with a few gradient steps on :math:`\delta`. Paper vs. code: ALUM's paper projects
+:math:`\delta` back into the ball, its released code (and ``smart-pytorch``)
+normalises it per token instead (``projection="paper" | "code"``, below).
 
 Every method perturbs the output of one module, its *perturbation site*, by a tensor
 ``δ`` of shape ``(batch, seq, hidden)`` through a forward hook, so it works with any

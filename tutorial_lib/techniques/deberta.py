@@ -1,4 +1,4 @@
-r"""DeBERTa: disentangled attention and the enhanced mask decoder.
+r"""DeBERTa: disentangled attention and the enhanced mask decoder (chapter 3).
 
 He, Liu, Gao and Chen, "DeBERTa: Decoding-enhanced BERT with Disentangled
 Attention" (ICLR 2021), and He, Gao and Chen, "DeBERTaV3" (2021), which keeps
