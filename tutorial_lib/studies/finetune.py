@@ -43,7 +43,7 @@ from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import (RECIPES, Baseline, BaselineRecipe, baseline_mlm,
                                            load_baseline_encoder_into, models_cache_dir)
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
-                                          run_with_one_thread, safe_name, write_json_atomic)
+                                          safe_name, write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -363,7 +363,6 @@ def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bo
                  workers: int = 2, log=None, directory=None) -> Path:
     """Build (or find) the study and write its record."""
     study = _study(study)
-    started = time.perf_counter()
     result = run_study(study, cache_dir=cache_dir, rebuild=rebuild, workers=workers, log=log)
     names = [f"runs/{_run_file(run['method'], run['seed'])}" for run in result.runs]
     files = records.read_entry_files(result.path, names + [COMPLETE])
@@ -372,7 +371,7 @@ def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bo
         RECORD_NAMES.get(study.name, study.name), study.recipe.name, key=study_key(study),
         recipe={"study": repr(study), "recipe": dataclasses.asdict(study.recipe)},
         data=records.data_checksums(_data_files()), files=files,
-        wall_seconds=seconds if not result.built_now else time.perf_counter() - started,
+        wall_seconds=seconds,
         sample=[f"runs/{_run_file(name, seed)}" for name, seed in SAMPLE],
         tolerance=TOLERANCE, directory=directory)
 
@@ -391,21 +390,10 @@ def load_study(study: str | Study = "adversarial-sst2", *, directory=None) -> St
 def check_study(study: str | Study = "adversarial-sst2", *, cache_dir=None, directory=None,
                 log=None) -> list[str]:
     """Re-run the record's sample and compare; return the problems (none: it agrees)."""
-    import tempfile
-
     study = _study(study)
     record = records.read_record(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
                                  key=study_key(study), directory=directory)
     names = [name for name, _ in study.methods]
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
-        (out / "runs").mkdir()
-        files = {}
-        for name, seed in SAMPLE:
-            line = run_with_one_thread(_run_in_worker, study, cache_dir, seed,
-                                       names.index(name), out)
-            if log:
-                log(line)
-            relpath = f"runs/{_run_file(name, seed)}"
-            files[relpath] = json.loads((out / relpath).read_text())
-    return records.check_files(record, files)
+    jobs = [(f"runs/{_run_file(name, seed)}", _run_in_worker,
+             (study, cache_dir, seed, names.index(name))) for name, seed in SAMPLE]
+    return records.check_sample(record, jobs, log)

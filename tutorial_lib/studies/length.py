@@ -591,21 +591,9 @@ def load_length_study(recipe: str | LengthRecipe = "cpu", *, directory=None) -> 
 def check_length_study(recipe: str | LengthRecipe = "cpu", *, directory=None,
                        log=None) -> list[str]:
     """Re-run the record's sample and compare; return the problems (none: it agrees)."""
-    import tempfile
-
-    from tutorial_lib.studies.harness import run_with_one_thread
-
     recipe = _length_recipe(recipe)
     record = records.read_record("length", recipe.name, key=study_key(recipe),
                                  directory=directory)
-    files = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
-        (out / "runs").mkdir()
-        for kind, seed in SAMPLE:
-            line = run_with_one_thread(_run_job, recipe, kind, seed, out)
-            if log:
-                log(line)
-            relpath = f"runs/{kind}-seed{seed}.json"
-            files[relpath] = json.loads((out / relpath).read_text())
-    return records.check_files(record, files)
+    jobs = [(f"runs/{kind}-seed{seed}.json", _run_job, (recipe, kind, seed))
+            for kind, seed in SAMPLE]
+    return records.check_sample(record, jobs, log)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 from tutorial_lib import __version__
@@ -35,7 +34,7 @@ from tutorial_lib.studies.baseline import (RECIPES, baseline_mlm, load_baseline_
                                            models_cache_dir)
 from tutorial_lib.studies.finetune import SST2_RECIPES, fine_tune_sst2, sst2_data
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
-                                          run_with_one_thread, safe_name, write_json_atomic)
+                                          safe_name, write_json_atomic)
 from tutorial_lib.training.evaluation import classification_metrics
 from tutorial_lib.training.loop import seed_everything
 
@@ -165,14 +164,6 @@ def load_pretraining_study(*, directory=None) -> PretrainingStudy:
 def check_pretraining_study(*, cache_dir=None, directory=None, log=None) -> list[str]:
     """Re-run the record's sample and compare; return the problems (none: it agrees)."""
     record = records.read_record("pretraining", "cpu", key=study_key(), directory=directory)
-    files = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
-        (out / "runs").mkdir()
-        for start, seed in SAMPLE:
-            line = run_with_one_thread(_run_job, start, seed, cache_dir, out)
-            if log:
-                log(line)
-            files[_run_file(start, seed)] = json.loads((out / _run_file(start, seed)).read_text())
-    return records.check_files(record, files)
+    jobs = [(_run_file(start, seed), _run_job, (start, seed, cache_dir)) for start, seed in SAMPLE]
+    return records.check_sample(record, jobs, log)
 

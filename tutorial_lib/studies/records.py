@@ -28,12 +28,14 @@ import json
 import math
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tutorial_lib import __version__, data
+from tutorial_lib.studies.harness import Job, run_with_one_thread
 
 RECORDS_DIR = Path(__file__).resolve().parent / "records"
 
@@ -171,6 +173,22 @@ def compare(expected: Any, actual: Any, tolerance: dict[str, float], where: str 
                     f"(tolerance {limit:.3g})"]
         return []
     return [] if expected == actual else [f"{where}: recorded {expected!r}, sample {actual!r}"]
+
+
+def check_sample(record: dict[str, Any], jobs: list[Job], log=None) -> list[str]:
+    """Run ``jobs`` (the study's own jobs for the record's sample, as the cache entry
+    builds them) in a scratch folder, each with one CPU thread, and compare the files
+    they write with the record's."""
+    files = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        for relpath, function, args in jobs:
+            (out / relpath).parent.mkdir(parents=True, exist_ok=True)
+            line = run_with_one_thread(function, *args, out)
+            if log:
+                log(line)
+            files[relpath] = json.loads((out / relpath).read_text())
+    return check_files(record, files)
 
 
 def check_files(record: dict[str, Any], files: dict[str, Any]) -> list[str]:
