@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MATHJAX_DIR := .cache/mathjax/node_modules/mathjax
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: book test setup unit baseline notebooks-check build-check browser exercises notebooks bench clean
+.PHONY: book test setup unit baseline notebooks-check build-check browser exercises exercises-after-nbval notebooks bench clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ book: setup
 # Every test: unit tests, notebooks (nbval), the book build, the browser check of
 # the built site, and the instructors' exercise build.
 test: setup
-	$(BIN)/python scripts/run_steps.py unit baseline notebooks-check build-check browser exercises
+	$(BIN)/python scripts/run_steps.py unit baseline notebooks-check build-check browser exercises-after-nbval
 	@echo "All tests passed."
 
 unit: setup
@@ -60,6 +60,11 @@ $(MATHJAX_DIR):
 
 exercises: setup
 	$(BIN)/python scripts/build_exercises.py
+
+# In make test the labs, solutions and tests, have just run once under nbval
+# (notebooks-check), so Otter only generates the student and autograder versions.
+exercises-after-nbval: setup
+	$(BIN)/python scripts/build_exercises.py --solutions-tested-by-nbval
 
 # Re-execute every notebook in place (after changing the library or a notebook).
 notebooks: setup baseline

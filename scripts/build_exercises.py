@@ -17,6 +17,16 @@ student notebook itself: it must contain no Otter markers, no line of a
 solution, no hidden test and no cell output. The exit status is non-zero if any
 lab fails either step.
 
+Otter runs each test cell in its own copy of the notebook's namespace, without
+the names that other test cells define, and compares what the cell prints with
+its stored output. Before anything runs, :func:`check_test_cells` checks both
+from the source: a test cell may use only names defined outside test cells or in
+itself, may not rebind a name the notebook defines, and has no stored output
+(under nbval the stored outputs are what the cells print). With those checks,
+``--solutions-tested-by-nbval`` skips Otter's own run of the tests: ``make test``
+executes every lab, solutions and tests, once under nbval (``make
+notebooks-check``) and then only generates and checks the versions here.
+
 Everything runs locally and offline: the tests execute in the current Python
 environment (which must have ``tutorial_lib`` installed, ``pip install -e .``),
 no Docker image is built and nothing is installed.
@@ -229,6 +239,98 @@ def distinctive(line: str) -> bool:
     return len(re.sub(r"\s", "", line)) >= MIN_CHARS
 
 
+def _bound_names(tree, top_level: bool = False) -> set[str]:
+    """Names a piece of code binds (assignments, imports, defs, loops, arguments).
+
+    With ``top_level``, only the names bound in the module's own namespace: what
+    functions, classes, lambdas and comprehensions bind inside is local to them.
+    """
+    import ast
+
+    scopes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
+              ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    bound: set[str] = set()
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        if top_level and node is not tree and isinstance(node, scopes):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                todo += node.decorator_list  # evaluated in the enclosing namespace
+            continue
+        todo += list(ast.iter_child_nodes(node))
+    return bound
+
+
+def _code(cell) -> str:
+    # IPython magics and shell lines are not Python; they never define test names.
+    return "\n".join(line for line in cell.source.splitlines()
+                     if not line.lstrip().startswith(("%", "!")))
+
+
+def check_test_cells(notebook) -> list[str]:
+    """Problems that would make Otter's run of a test cell differ from nbval's.
+
+    Otter runs every test cell alone against the notebook's namespace, so a test
+    cell must not need a name that only another test cell defines, and must not
+    rebind a name that the notebook itself defines (under nbval, where cells share
+    one namespace, that would change what later cells see). Otter also compares
+    what a test prints with the cell's stored output, which must therefore be empty.
+    """
+    import ast
+    import builtins
+
+    notebook_names: set[str] = set(dir(builtins))
+    tests = []  # (cell number, tree, cell)
+    stack: list[str] = []
+    for index, cell in enumerate(notebook.cells, start=1):
+        lines = source_lines(cell)
+        if cell.cell_type == "raw" and lines and BOUNDARY.match(lines[0]):
+            verb, block = BOUNDARY.match(lines[0]).groups()
+            if verb.lower() == "begin":
+                stack.append(block.lower())
+            elif stack:
+                stack.pop()
+            continue
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(_code(cell))
+        except SyntaxError as error:
+            raise LabError(f"cell {index} is not valid Python: {error}") from None
+        if stack and stack[-1] == "tests":
+            tests.append((index, tree, cell))
+        else:
+            notebook_names |= _bound_names(tree, top_level=True)
+    problems = []
+    for index, tree, cell in tests:
+        own = _bound_names(tree)
+        used = {node.id for node in ast.walk(tree)
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        missing = sorted(used - own - notebook_names)
+        if missing:
+            problems.append(f"test cell {index} uses {', '.join(missing)}, defined only in other "
+                            "test cells (Otter runs each test cell on its own)")
+        clobbered = sorted((_bound_names(tree, top_level=True) & notebook_names)
+                           - set(dir(builtins)) - {"_"})
+        if clobbered:
+            problems.append(f"test cell {index} rebinds {', '.join(clobbered)}, which the notebook "
+                            "defines; use other names in tests")
+        if cell.get("outputs"):
+            problems.append(f"test cell {index} has a stored output; a test must print nothing "
+                            "(Otter compares the output)")
+    return problems
+
+
 def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
     """Problems with the student version of ``lab``; empty when it is clean."""
     problems = []
@@ -268,13 +370,27 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
     return problems
 
 
-def assign(lab: Path, out: Path, env: dict[str, str]) -> None:
-    """Run ``otter assign`` (which also runs all tests against the solutions)."""
+def assign(lab: Path, out: Path, env: dict[str, str], run_tests: bool = True) -> None:
+    """Run ``otter assign``, which also runs all tests against the solutions unless
+    ``run_tests`` is false (then it reads a copy of the lab whose configuration says so)."""
+    import tempfile
+
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "otter", "assign", "--no-pdfs", str(lab), str(out)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = lab
+        if not run_tests:
+            notebook = nbformat.read(lab, as_version=4)
+            for cell in notebook.cells:
+                if cell.cell_type == "raw" and CONFIG_CELL.match(cell.source.lstrip()):
+                    config = yaml.safe_load("\n".join(source_lines(cell)[1:])) or {}
+                    config["run_tests"] = False
+                    cell.source = "# ASSIGNMENT CONFIG\n" + yaml.safe_dump(config, sort_keys=False)
+            source = Path(scratch) / lab.name  # the same name: Otter names its output after it
+            nbformat.write(notebook, source)
+        command = [sys.executable, "-m", "otter", "assign", "--no-pdfs", str(source), str(out)]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         log = (result.stdout + result.stderr).strip()
         # Otter ends with a traceback whose last exception holds the test report.
@@ -282,9 +398,12 @@ def assign(lab: Path, out: Path, env: dict[str, str]) -> None:
         raise LabError(f"otter assign failed (exit {result.returncode}):\n{report}")
 
 
-def build(lab: Path, env: dict[str, str]) -> list[str]:
+def build(lab: Path, env: dict[str, str], run_tests: bool = True) -> list[str]:
     notebook = nbformat.read(lab, as_version=4)
     secrets = read_secrets(notebook)
+    problems = check_test_cells(notebook)
+    if problems:
+        return problems
     if secrets.config.get("run_tests") is False:
         raise LabError("ASSIGNMENT CONFIG sets run_tests: false; the solutions must be tested")
     if secrets.config.get("generate") is False:
@@ -293,7 +412,7 @@ def build(lab: Path, env: dict[str, str]) -> list[str]:
         raise LabError("no '# BEGIN QUESTION' block: a lab needs autograded exercises")
     out = OUTPUT / lab.stem
     try:
-        assign(lab, out, env)
+        assign(lab, out, env, run_tests=run_tests)
         problems = check_student(lab, secrets, out)
     except LabError:
         shutil.rmtree(out, ignore_errors=True)
@@ -307,6 +426,9 @@ def build(lab: Path, env: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("labs", nargs="*", type=Path, help="lab notebooks (default: labs/*.ipynb)")
+    parser.add_argument("--solutions-tested-by-nbval", action="store_true",
+                        help="skip Otter's run of the tests: the labs, solutions and tests, "
+                             "were just executed and checked by nbval (make notebooks-check)")
     args = parser.parse_args(argv)
 
     labs = [path.resolve() for path in args.labs]
@@ -332,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not lab.is_file():
                 raise LabError("no such notebook")
-            problems = build(lab, env)
+            problems = build(lab, env, run_tests=not args.solutions_tested_by_nbval)
         except LabError as error:
             problems = [str(error)]
         seconds = time.perf_counter() - start

@@ -67,3 +67,66 @@ def test_a_leaked_solution_line_is_reported(tmp_path):
     problems = build_exercises.check_student(Path("labs/demo.ipynb"), secrets, out)
     assert problems == ["solution code reached the student version: "
                         "'scratch_model = SequenceClassifier(config, num_labels=2)'"]
+
+
+def lab_with_tests(*test_cells, outputs=None):
+    """A lab whose notebook defines ``model`` and a function with a local ``hidden``."""
+    cells = [new_raw_cell("# ASSIGNMENT CONFIG\nname: demo"),
+             new_code_cell("model = 3\ndef helper(hidden):\n    inner = hidden + 1\n    return inner"),
+             new_raw_cell("# BEGIN QUESTION\nname: q1"),
+             new_raw_cell("# BEGIN TESTS")]
+    for source in test_cells:
+        cell = new_code_cell(source)
+        if outputs is not None:
+            cell.outputs = outputs
+        cells.append(cell)
+    cells += [new_raw_cell("# END TESTS"), new_raw_cell("# END QUESTION")]
+    return new_notebook(cells=cells)
+
+
+def test_test_cells_that_stand_alone_pass():
+    # Locals of the notebook's functions are not notebook names; tests may reuse them,
+    # and a test may use what it defines itself, builtins included.
+    notebook = lab_with_tests("hidden = helper(model)\nassert hidden == 4",
+                              "values = [model]\nassert len(values) == 1 and helper(0) == 1")
+    assert build_exercises.check_test_cells(notebook) == []
+
+
+def test_a_test_that_needs_another_test_cell_is_reported():
+    notebook = lab_with_tests("shared = model + 1", "assert shared == 4")
+    problems = build_exercises.check_test_cells(notebook)
+    assert len(problems) == 1 and "uses shared" in problems[0] and "test cell 6" in problems[0]
+
+
+def test_a_test_that_rebinds_a_notebook_name_is_reported():
+    problems = build_exercises.check_test_cells(lab_with_tests("model = 4\nassert model == 4"))
+    assert len(problems) == 1 and "rebinds model" in problems[0]
+
+
+def test_a_test_with_a_stored_output_is_reported():
+    printed = [nbformat.v4.new_output("stream", name="stdout", text="<Generator>\n")]
+    problems = build_exercises.check_test_cells(lab_with_tests("assert model", outputs=printed))
+    assert len(problems) == 1 and "stored output" in problems[0]
+
+
+def test_without_the_test_run_otter_reads_a_copy_that_says_so(tmp_path, monkeypatch):
+    lab = tmp_path / "demo.ipynb"
+    nbformat.write(source_lab(), lab)
+    seen = {}
+
+    class Finished:
+        returncode = 0
+        stdout = stderr = ""
+
+    def fake_run(command, **kwargs):
+        source = Path(command[-2])
+        seen["name"] = source.name
+        seen["config"] = nbformat.read(source, as_version=4).cells[0].source
+        return Finished()
+
+    monkeypatch.setattr(build_exercises.subprocess, "run", fake_run)
+    build_exercises.assign(lab, tmp_path / "out", {}, run_tests=False)
+    assert seen["name"] == "demo.ipynb" and "run_tests: false" in seen["config"]
+    assert "name: demo" in seen["config"]
+    build_exercises.assign(lab, tmp_path / "out", {}, run_tests=True)
+    assert "run_tests" not in seen["config"]  # the lab itself, unchanged
