@@ -69,7 +69,7 @@ def test_study_is_cached_and_resumes_after_an_interruption(baseline, tmp_path):
     flaky = Interruptible()
     study = finetune.Study(name="test", methods=(("plain", None), ("flaky", flaky),
                                                  ("FGM", adv.FGM(epsilon=0.01))),
-                           seeds=(0,), epsilons=(0.0, 0.1), recipe=RECIPE, baseline=BASELINE)
+                           seeds=(0,), epsilons=(0.0, 0.1), recipe=RECIPE, start=BASELINE)
     flaky.fail[0] = True
     with pytest.raises(KeyboardInterrupt):
         finetune.run_study(study, cache_dir=cache, workers=1)
@@ -112,7 +112,7 @@ def test_command_line_runs_a_study_then_finds_it(baseline, tmp_path, monkeypatch
     cache = tmp_path / "cache"
     pretrained.baseline_mlm(BASELINE, cache_dir=cache)
     study = finetune.Study(name="cli", methods=(("plain", None),), seeds=(0,), epsilons=(0.0,),
-                           recipe=RECIPE, baseline=BASELINE)
+                           recipe=RECIPE, start=BASELINE)
     monkeypatch.setitem(finetune.STUDIES, "adversarial-sst2", study)
     assert studies_cli.main(["adversarial", "--cache-dir", str(cache)]) == 0
     assert "ran now" in capsys.readouterr().out
@@ -126,7 +126,7 @@ def test_command_line_runs_a_study_then_finds_it(baseline, tmp_path, monkeypatch
 
 def test_worker_processes_give_the_same_numbers_as_one_process(baseline, tmp_path):
     study = finetune.Study(name="workers", methods=(("plain", None), ("FGM", adv.FGM(epsilon=0.01))),
-                           seeds=(0,), epsilons=(0.0, 0.1), recipe=RECIPE, baseline=BASELINE)
+                           seeds=(0,), epsilons=(0.0, 0.1), recipe=RECIPE, start=BASELINE)
     results = []
     for workers, cache in ((1, tmp_path / "one"), (2, tmp_path / "two")):
         pretrained.baseline_mlm(BASELINE, cache_dir=cache)
@@ -134,3 +134,40 @@ def test_worker_processes_give_the_same_numbers_as_one_process(baseline, tmp_pat
     strip = lambda runs: [{k: v for k, v in run.items() if k not in ("seconds_per_step", "final_logs")}
                           for run in runs]
     assert strip(results[0].runs) == strip(results[1].runs)
+
+
+def test_fine_tuned_trains_a_missing_run_once_then_loads_it(baseline, tmp_path):
+    cache = tmp_path / "cache"
+    pretrained.baseline_mlm(BASELINE, cache_dir=cache)
+    study = finetune.Study(name="kept", methods=(("plain", None), ("FGM", adv.FGM(epsilon=0.01))),
+                           seeds=(0, 1), epsilons=(0.0,), recipe=RECIPE, start=BASELINE)
+    lines = []
+    model, start, sst2 = finetune.fine_tuned(study, "FGM", 1, cache_dir=cache, log=lines.append)
+    assert len(lines) == 1 and "FGM" in lines[0]  # trained now
+    path = finetune.weights_path(study, "FGM", 1, cache_dir=cache)
+    assert path.exists() and not model.training
+    again, _, _ = finetune.fine_tuned(study, "FGM", 1, cache_dir=cache, log=lines.append)
+    assert len(lines) == 1  # loaded, not trained again
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+    # It is the study's run: the same dev accuracy as the grid's own run of (FGM, seed 1).
+    result = finetune.run_study(study, cache_dir=cache, workers=1)
+    run = next(r for r in result.runs if r["method"] == "FGM" and r["seed"] == 1)
+    assert classification_metrics(model, sst2.dev_batches)["accuracy"] == pytest.approx(run["accuracy"])
+    # The grid keeps the weights of KEEP_WEIGHTS only.
+    assert finetune.weights_path(study, "plain", 0, cache_dir=cache).exists()
+    assert not finetune.weights_path(study, "plain", 1, cache_dir=cache).exists()
+    with pytest.raises(ValueError, match="method must be one of"):
+        finetune.fine_tuned(study, "PGD", 0, cache_dir=cache)
+    with pytest.raises(ValueError, match="seed must be one of"):
+        finetune.fine_tuned(study, "plain", 7, cache_dir=cache)
+
+
+def test_starting_points_are_named():
+    assert finetune.start_key(finetune.MINILM).startswith("all-MiniLM-L6-v2:")
+    assert finetune.start_key("cpu") == pretrained.RECIPES["cpu"].key()
+    with pytest.raises(ValueError, match="start must be"):
+        finetune.start_key("bert-large")
+    with pytest.raises(ValueError, match="start must be"):
+        finetune.load_start("bert-large")
+    assert finetune.STUDIES["adversarial-sst2"].start == finetune.MINILM

@@ -15,7 +15,7 @@ BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="t
 RECIPE = finetune.SST2Recipe(name="test", train_examples=64, batch_size=8, steps=3,
                              warmup_steps=1, attack_examples=24)
 STUDY = finetune.Study(name="tiny", methods=(("plain", None),), seeds=(0,),
-                       epsilons=(0.0, 0.1), recipe=RECIPE, baseline=BASELINE)
+                       epsilons=(0.0, 0.1), recipe=RECIPE, start=BASELINE)
 TOLERANCE = {"abs": 1e-3, "rel": 0.0}
 
 

@@ -91,11 +91,11 @@ RECORDERS = {
 
 # name -> (what it is, the scales it has, how to build it)
 STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
-    "baseline": ("the small MLM pre-trained by the book (chapters 0, 1, 3)",
+    "baseline": ("the small MLM pre-trained by the book (chapters 0, 3)",
                  tuple(sorted(baseline.RECIPES)), _baseline),
     "pretraining": ("chapter 0: SST-2 from random init, the CPU baseline and MiniLM",
                     ("cpu",), _pretraining),
-    "adversarial": ("chapter 1: adversarial fine-tuning methods x seeds on SST-2",
+    "adversarial": ("chapter 1: adversarial fine-tuning of MiniLM, methods x seeds on SST-2",
                     ("cpu",), _adversarial),
     "positions": ("chapter 3: absolute, relative-bias, disentangled, disentangled + EMD",
                   tuple(sorted(baseline.RECIPES)), _positions),

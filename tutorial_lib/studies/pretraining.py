@@ -32,15 +32,15 @@ from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import (RECIPES, baseline_mlm, load_baseline_encoder_into,
                                            models_cache_dir)
-from tutorial_lib.studies.finetune import SST2_RECIPES, fine_tune_sst2, sst2_data
+from tutorial_lib.studies.finetune import (MINILM, PRETRAINED_LR, SST2_RECIPES, fine_tune_sst2,
+                                           sst2_data)
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           safe_name, write_json_atomic)
 from tutorial_lib.training.evaluation import classification_metrics
 from tutorial_lib.training.loop import seed_everything
 
-MINILM = "all-MiniLM-L6-v2"
 # starting point -> learning rate
-STARTS = {"random init": 1e-3, "CPU baseline": 1e-3, MINILM: 5e-5}
+STARTS = {"random init": 1e-3, "CPU baseline": 1e-3, MINILM: PRETRAINED_LR}
 SEEDS = (0, 1, 2)
 # CI re-runs the two cheap starting points with seed 0 (about 40 s on one thread).
 SAMPLE = [("random init", 0), ("CPU baseline", 0)]
