@@ -1,11 +1,14 @@
 """Shapes, padding invariance, causality, gradient flow, determinism and bad inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from tutorial_lib import (CausalLM, Encoder, MaskedLM, SequenceClassifier, TransformerConfig,
                           build_model)
+from tutorial_lib.core.positions import sinusoidal_embedding
 
 VOCAB = 97
 
@@ -227,3 +230,27 @@ def test_encoder_compiles_without_graph_breaks():
     mask[1, 5:] = 0
     with torch.no_grad():
         assert torch.allclose(compiled(ids, mask).logits, model(ids, mask).logits, atol=1e-6)
+
+
+def test_scaled_word_embeddings_follow_vaswani():
+    # sqrt(d) times the lookup, a table initialised at d ** -0.5: tokens enter at unit scale.
+    config = TransformerConfig.preset("tiny", vocab_size=3000, hidden_size=64, num_heads=4,
+                                      position_embedding="sinusoidal", scale_word_embeddings=True,
+                                      type_vocab_size=0, hidden_dropout=0.0, attention_dropout=0.0,
+                                      norm_position="pre")
+    torch.manual_seed(0)
+    encoder = Encoder(config).eval()
+    table = encoder.embeddings.word_embeddings.weight.detach()
+    assert abs(table[1:].std().item() - 64 ** -0.5) < 0.01 and (table[0] == 0).all()
+    ids = torch.randint(1, 3000, (2, 9))
+    positions = torch.arange(9)[None].expand(2, 9)
+    expected = 8.0 * table[ids] + sinusoidal_embedding(positions, 64)
+    assert torch.allclose(encoder.embeddings(ids, positions), expected, atol=1e-6)
+    # inputs_embeds replaces the lookup and is scaled like it
+    assert torch.allclose(encoder(inputs_embeds=encoder.embeddings.word_embeddings(ids)),
+                          encoder(ids), atol=1e-6)
+    # The default is BERT's: unscaled, at initializer_range.
+    plain = Encoder(dataclasses.replace(config, scale_word_embeddings=False))
+    assert abs(plain.embeddings.word_embeddings.weight[1:].std().item() - 0.02) < 0.002
+    with pytest.raises(ValueError, match="scale_word_embeddings must be True or False"):
+        dataclasses.replace(config, scale_word_embeddings=1)

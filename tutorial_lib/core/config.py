@@ -92,6 +92,11 @@ class TransformerConfig:
     # Absolute positions added to the input: "learned" (BERT, GPT-2), "sinusoidal"
     # (Vaswani et al.) or "none" (when positions enter through attention only).
     position_embedding: str = "learned"
+    # Vaswani et al.'s token embeddings: multiplied by sqrt(hidden_size), the table
+    # initialised with standard deviation hidden_size ** -0.5 (as in fairseq), so tokens
+    # enter at unit scale, the scale of a sinusoidal table's rows. False: BERT's, at
+    # initializer_range and unscaled.
+    scale_word_embeddings: bool = False
     # 0 disables token-type (segment) embeddings.
     type_vocab_size: int = 2
     causal: bool = False
@@ -201,7 +206,7 @@ class TransformerConfig:
                 or not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_token_id!r}")
-        for name in ("causal", "tie_word_embeddings", "rotary"):
+        for name in ("causal", "tie_word_embeddings", "rotary", "scale_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.extra, dict):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -128,8 +129,11 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """``inputs_embeds`` (batch, seq, hidden) replaces the word-embedding lookup."""
+        """``inputs_embeds`` (batch, seq, hidden) replaces the word-embedding lookup (and is
+        scaled like it with ``scale_word_embeddings``)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.scale_word_embeddings:
+            x = x * math.sqrt(self.config.hidden_size)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
         elif self.config.position_embedding == "sinusoidal":
@@ -229,6 +233,8 @@ class Encoder(nn.Module):
         for extend in EXTENSIONS.encoder_extensions:  # e.g. DeBERTa's relative table
             extend(self, config)
         self.apply(lambda module: init_weights(module, config.initializer_range))
+        if config.scale_word_embeddings:  # Vaswani et al.: unit scale after the sqrt(d)
+            init_weights(self.embeddings.word_embeddings, config.hidden_size ** -0.5)
 
     def add_attention_plugin(self, plugin: AttentionPlugin) -> AttentionPlugin:
         """Attach a plugin that every layer's attention will call. Returns it."""

@@ -235,7 +235,9 @@ class MaskedWindows:
 # What each trained model is: its config overrides and whether it trains on random positions.
 TRAINED = {
     "learned": dict(position_embedding="learned"),
-    "sinusoidal": dict(position_embedding="sinusoidal"),
+    # Vaswani et al.'s token embeddings (scaled by sqrt(d)): with BERT's, initialised at
+    # 0.02, the table's rows (root-mean-square 1/sqrt(2)) would swamp the tokens.
+    "sinusoidal": dict(position_embedding="sinusoidal", scale_word_embeddings=True),
     "rope": dict(position_embedding="none", rotary=True),
     "alibi": dict(position_embedding="none", alibi=True),
     "rope-random": dict(position_embedding="none", rotary=True),
@@ -403,6 +405,7 @@ def study_key(recipe: LengthRecipe) -> str:
                           # every number, so it changes the key.
                           "ids": "CharTokenizer(<pad>, <mask>, sorted alphabet)",
                           "masking": "MLMCollator (BERT 80/10/10)",
+                          "trained": TRAINED,
                           "data": entry.sha256 or entry.git_blob_sha1,
                           "tutorial_lib": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
