@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,10 +44,10 @@ from tutorial_lib.data.batching import ClassificationCollator, classification_ex
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
 from tutorial_lib.core.model import SequenceClassifier
 from tutorial_lib.studies import records
-from tutorial_lib.studies.baseline import (RECIPES, BaselineRecipe, baseline_mlm,
-                                           load_baseline_encoder_into, models_cache_dir)
+from tutorial_lib.studies.baseline import RECIPES, BaselineRecipe, baseline_mlm, models_cache_dir
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           run_with_one_thread, safe_name, write_json_atomic)
+from tutorial_lib.training.checkpoint import load_weights, save_weights
 from tutorial_lib.training.loop import BatchLoader, default_loss_step, seed_everything, train
 
 POOLINGS = ("cls", "mean")
@@ -249,9 +248,7 @@ def load_start(start: str | BaselineRecipe, cache_dir=None) -> Start:
         encoder = from_hf(MINILM)
         return Start(encoder.config, encoder.state_dict(), load_pretrained_tokenizer(MINILM))
     baseline = baseline_mlm(start, cache_dir=cache_dir)
-    probe = SequenceClassifier(baseline.model.config, num_labels=2)
-    load_baseline_encoder_into(probe, baseline)
-    return Start(baseline.model.config, probe.encoder.state_dict(), baseline.tokenizer)
+    return Start(baseline.model.config, baseline.model.encoder.state_dict(), baseline.tokenizer)
 
 
 # -- studies: methods × seeds from one starting point, cached -----------------------------
@@ -393,7 +390,8 @@ def weights_path(study: str | Study, method: str, seed: int, cache_dir=None) -> 
     """Where the fine-tuned weights of one kept run live (in the models cache)."""
     study = _study(study)
     entry = _entry(study, cache_dir)
-    return entry.with_name(entry.name + "-weights") / f"{safe_name(method.lower())}-seed{seed}.pt"
+    return (entry.with_name(entry.name + "-weights")
+            / f"{safe_name(method.lower())}-seed{seed}.safetensors")
 
 
 def _run_one(study: Study, start: Start, sst2: SST2Data, seed: int, index: int,
@@ -407,9 +405,7 @@ def _run_one(study: Study, start: Start, sst2: SST2Data, seed: int, index: int,
     if keep_weights:
         path = weights_path(study, name, seed, cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(model.state_dict(), staging)
-        os.replace(staging, path)
+        save_weights(model, path)
     clean = classification_metrics(model, sst2.dev_batches)["accuracy"]
     curve = robustness_curve(model, sst2.attack_batches, study.epsilons, steps=study.attack_steps)
     losses = [row["loss"] for row in trained["history"] if row.get("event") == "train"]
@@ -449,7 +445,7 @@ def fine_tuned(study: str | Study = "adversarial-sst2", method: str = "plain", s
         if log:
             log(line)
     model = start.classifier(study.recipe.pooling)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    load_weights(path, model)
     return model.eval(), start, sst2
 
 

@@ -33,7 +33,7 @@ from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import (RECIPES, baseline_mlm, load_baseline_encoder_into,
                                            models_cache_dir)
 from tutorial_lib.studies.finetune import (MINILM, PRETRAINED_LR, SST2_RECIPES, fine_tune_sst2,
-                                           sst2_data)
+                                           load_start, sst2_data)
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           safe_name, write_json_atomic)
 from tutorial_lib.training.evaluation import classification_metrics
@@ -76,12 +76,8 @@ def starting_point(start: str, cache_dir=None):
     if start not in STARTS:
         raise ValueError(f"start must be one of {list(STARTS)}, got {start!r}")
     if start == MINILM:
-        from tutorial_lib.interop import from_hf, load_pretrained_tokenizer
-
-        encoder = from_hf(MINILM)
-        classifier = SequenceClassifier(encoder.config, num_labels=2, pooling="mean")
-        classifier.encoder.load_state_dict(encoder.state_dict())
-        return classifier, load_pretrained_tokenizer(MINILM)
+        loaded = load_start(MINILM)
+        return loaded.classifier("mean"), loaded.tokenizer
     baseline = baseline_mlm("cpu", cache_dir=cache_dir)
     classifier = SequenceClassifier(baseline.model.config, num_labels=2, pooling="mean")
     if start == "CPU baseline":
