@@ -143,3 +143,49 @@ def test_study_trains_the_variants_once_then_loads_them(tmp_path):
                and "attention_plugins" in n)
     with pytest.raises(ValueError, match="recipe"):
         position_study("tpu", cache_dir=tmp_path)
+
+
+def test_chapters_read_the_record_and_train_only_the_variant_they_ask_for(tmp_path):
+    import json
+
+    from tutorial_lib.studies import position, records
+    from tutorial_lib.studies.baseline import BaselineRecipe
+    recipe = BaselineRecipe(name="test", preset="tiny", vocab_size=300, max_length=32,
+                            batch_size=8, steps=3, lr=1e-3, warmup_steps=1,
+                            train_split="valid", eval_split="test", eval_sequences=16)
+    built, fresh, checked = tmp_path / "built", tmp_path / "fresh", tmp_path / "checked"
+    directory = tmp_path / "records"
+    path = position.record_position_study(recipe, cache_dir=built, workers=1,
+                                          directory=directory)
+    full = position.position_study(recipe, cache_dir=built, workers=1)
+    # On a machine without the study's entry: histories from the record, nothing trained...
+    study = position.load_position_study(recipe, cache_dir=fresh, directory=directory)
+    assert not study.built_now
+    assert all(study.histories[v] == full.histories[v] for v in VARIANTS[1:])
+    assert study.final("absolute")["mlm_loss"] == full.final("absolute")["mlm_loss"]
+    assert not study.path.exists()
+    weights = position.variant_weights(recipe, "disentangled", fresh)
+    assert not weights.exists()
+    # ...until a notebook asks for a model: that variant alone is trained, and kept.
+    model = study.model("disentangled")
+    assert weights.exists()
+    assert not position.variant_weights(recipe, "relative bias", fresh).exists()
+    reference = dict(full.model("disentangled").named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter, reference[name], atol=1e-5), name
+    # CI's check re-trains the sample, agrees with the record and keeps the weights.
+    assert position.check_position_study(recipe, cache_dir=checked, directory=directory) == []
+    assert position.variant_weights(recipe, "disentangled", checked).exists()
+    record = json.loads(path.read_text())
+    assert record["sample"] == ["disentangled/metrics.jsonl"]
+    rows = record["files"]["disentangled/metrics.jsonl"]
+    [row for row in rows if row.get("event") == "eval"][-1]["mlm_loss"] += 0.01
+    path.write_text(json.dumps(record))
+    problems = position.check_position_study(recipe, cache_dir=checked, directory=directory)
+    assert problems and all("mlm_loss" in problem for problem in problems)
+    with pytest.raises(ValueError, match="variant"):
+        study.model("rotary")
+    record["key"] = "0" * 16
+    path.write_text(json.dumps(record))
+    with pytest.raises(records.RecordError, match="another recipe"):
+        position.load_position_study(recipe, cache_dir=fresh, directory=directory)

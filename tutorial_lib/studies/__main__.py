@@ -7,8 +7,9 @@
   (:mod:`tutorial_lib.studies.records`), which the chapters read;
 * ``--check``: what CI runs. Each record must have been made by the code's recipe, and
   a fixed sample of it is computed again and compared within the record's tolerance
-  (the baseline and chapter 3's study, whose weights the chapters load, are built in
-  full and compared whole). Exits with 1 on any disagreement.
+  (the baseline, whose weights every study starts from, is built in full and compared
+  whole; the samples of chapters 1 and 3 leave the weights their notebooks load). Exits
+  with 1 on any disagreement.
 
 Without a name, every study, the baseline first (the others start from it).
 """
@@ -70,7 +71,7 @@ CHECKS = {
     "adversarial": lambda scale, args, log: finetune.check_study(
         "adversarial-sst2", cache_dir=args.cache_dir, log=log),
     "positions": lambda scale, args, log: position.check_position_study(
-        scale, cache_dir=args.cache_dir, workers=args.workers or 3, log=log),
+        scale, cache_dir=args.cache_dir, log=log),
     "length": lambda scale, args, log: length.check_length_study(scale, log=log),
 }
 RECORDERS = {

@@ -42,7 +42,7 @@ from tutorial_lib.training.loop import seed_everything
 # starting point -> learning rate
 STARTS = {"random init": 1e-3, "CPU baseline": 1e-3, MINILM: PRETRAINED_LR}
 SEEDS = (0, 1, 2)
-# CI re-runs the two cheap starting points with seed 0 (about 40 s on one thread).
+# CI re-runs the two cheap starting points with seed 0 (about 25 s on two threads).
 SAMPLE = [("random init", 0), ("CPU baseline", 0)]
 TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
 
