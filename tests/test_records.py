@@ -7,7 +7,7 @@ import pytest
 
 from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
-from tutorial_lib.studies import finetune, length, position, pretraining, records
+from tutorial_lib.studies import finetune, length, position, pretraining, records, whitening
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                                vocab_size=300, max_length=32, batch_size=8, steps=2,
@@ -99,6 +99,7 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("adversarial", "cpu", lambda: finetune.study_key("adversarial-sst2")),
     ("positions", "cpu", lambda: position.study_key(pretrained.RECIPES["cpu"])),
     ("length", "cpu", lambda: length.study_key(length.LENGTH_RECIPES["cpu"])),
+    ("whitening", "cpu", whitening.study_key),
 ])
 def test_every_committed_record_was_made_by_the_code_s_recipe(name, scale, key):
     record = records.read_record(name, scale)

@@ -20,7 +20,8 @@ import argparse
 import time
 from typing import Callable
 
-from tutorial_lib.studies import baseline, finetune, length, position, pretraining, records
+from tutorial_lib.studies import (baseline, finetune, length, position, pretraining, records,
+                                  whitening)
 from tutorial_lib.studies.harness import build_message
 
 
@@ -58,6 +59,14 @@ def _positions(scale, args, log):
     return lines, study.built_now, study.path
 
 
+def _whitening(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the whitening study has a CPU recipe only; the GPU run is lab 7's")
+    _, entry, built_now = whitening.run_whitening_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], built_now, entry
+
+
 def _length(scale, args, log):
     result = length.run_length_study(scale, cache_dir=args.cache_dir, rebuild=args.rebuild,
                                      workers=args.workers or 2, log=log)
@@ -73,6 +82,8 @@ CHECKS = {
     "positions": lambda scale, args, log: position.check_position_study(
         scale, cache_dir=args.cache_dir, log=log),
     "length": lambda scale, args, log: length.check_length_study(scale, log=log),
+    "whitening": lambda scale, args, log: whitening.check_whitening_study(
+        cache_dir=args.cache_dir, log=log),
 }
 RECORDERS = {
     "baseline": lambda scale, args, log: baseline.record_baseline(
@@ -88,6 +99,8 @@ RECORDERS = {
     "length": lambda scale, args, log: length.record_length_study(
         scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2,
         log=log),
+    "whitening": lambda scale, args, log: whitening.record_whitening_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
 }
 
 # name -> (what it is, the scales it has, how to build it)
@@ -102,6 +115,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                   tuple(sorted(baseline.RECIPES)), _positions),
     "length": ("chapter 5: train short, test long, per position method",
                tuple(sorted(length.LENGTH_RECIPES)), _length),
+    "whitening": ("chapter 7: BERT-whitening of MiniLM and the CPU baseline on STS-B",
+                  ("cpu",), _whitening),
 }
 
 

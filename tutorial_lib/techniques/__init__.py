@@ -6,5 +6,7 @@ data layer and (where it builds on one) another technique.
 * :mod:`tutorial_lib.techniques.deberta`: chapter 3, disentangled attention, the
   relative table, the enhanced mask decoder;
 * :mod:`tutorial_lib.techniques.extrapolation`: chapter 5, length extrapolation
-  (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions).
+  (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions);
+* :mod:`tutorial_lib.techniques.whitening`: chapter 7, BERT-whitening with β and γ,
+  sentence pooling, Spearman's correlation.
 """
