@@ -91,3 +91,23 @@ def test_whitening_benchmark_prints_throughputs_and_fit_times_as_last_line():
     for key in ("ours_s", "ours_streaming_s", "numpy_cov_svd_s", "ratio", "streaming_ratio"):
         assert math.isfinite(fit[key]) and fit[key] > 0, key
     assert fit["eigenvalue_max_rel_diff"] < 1e-8
+
+
+def test_unargmaxable_benchmark_prints_stages_as_last_line():
+    pytest.importorskip("scipy")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_unargmaxable.py", "--random", "200", "8",
+         "--chunk-size", "64", "--rounds", "2", "--lp-classes", "2", "--full-lp"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["classes"], report["dim"], report["matrix"]) == (200, 8, "random")
+    assert set(report["stages"]) == {"quick", "braid", "lp"}
+    counted = sum(stage["classes"] for stage in report["stages"].values())
+    assert counted + report["unargmaxable"] == 200 and report["unchecked"] == 0
+    assert report["unargmaxable"] > 0  # a random 200 × 8 matrix has interior rows
+    for key in ("certify_s", "reference_quick_s", "quick_ratio_vs_reference"):
+        assert math.isfinite(report[key]) and report[key] > 0, key
+    assert report["quick_agrees_with_reference"] is True
+    sample = report["lp_sample"]
+    assert len(sample["classes"]) == len(sample["seconds"]) == len(sample["full_seconds"]) == 2

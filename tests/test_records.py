@@ -7,7 +7,8 @@ import pytest
 
 from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
-from tutorial_lib.studies import finetune, length, position, pretraining, records, whitening
+from tutorial_lib.studies import (finetune, length, position, pretraining, records, unargmaxable,
+                                  whitening)
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                                vocab_size=300, max_length=32, batch_size=8, steps=2,
@@ -100,6 +101,7 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("positions", "cpu", lambda: position.study_key(pretrained.RECIPES["cpu"])),
     ("length", "cpu", lambda: length.study_key(length.LENGTH_RECIPES["cpu"])),
     ("whitening", "cpu", whitening.study_key),
+    ("unargmaxable", "cpu", unargmaxable.study_key),
 ])
 def test_every_committed_record_was_made_by_the_code_s_recipe(name, scale, key):
     record = records.read_record(name, scale)

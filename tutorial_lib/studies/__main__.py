@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from tutorial_lib.studies import (baseline, finetune, length, position, pretraining, records,
-                                  whitening)
+                                  unargmaxable, whitening)
 from tutorial_lib.studies.harness import build_message
 
 
@@ -67,6 +67,14 @@ def _whitening(scale, args, log):
     return [], built_now, entry
 
 
+def _unargmaxable(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the unargmaxable study has a CPU recipe only; the online run is lab 8's")
+    _, entry, built_now = unargmaxable.run_unargmaxable_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], built_now, entry
+
+
 def _length(scale, args, log):
     result = length.run_length_study(scale, cache_dir=args.cache_dir, rebuild=args.rebuild,
                                      workers=args.workers or 2, log=log)
@@ -83,6 +91,8 @@ CHECKS = {
         scale, cache_dir=args.cache_dir, log=log),
     "length": lambda scale, args, log: length.check_length_study(scale, log=log),
     "whitening": lambda scale, args, log: whitening.check_whitening_study(
+        cache_dir=args.cache_dir, log=log),
+    "unargmaxable": lambda scale, args, log: unargmaxable.check_unargmaxable_study(
         cache_dir=args.cache_dir, log=log),
 }
 RECORDERS = {
@@ -101,6 +111,8 @@ RECORDERS = {
         log=log),
     "whitening": lambda scale, args, log: whitening.record_whitening_study(
         cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
+    "unargmaxable": lambda scale, args, log: unargmaxable.record_unargmaxable_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
 }
 
 # name -> (what it is, the scales it has, how to build it)
@@ -117,6 +129,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                tuple(sorted(length.LENGTH_RECIPES)), _length),
     "whitening": ("chapter 7: BERT-whitening of MiniLM and the CPU baseline on STS-B",
                   ("cpu",), _whitening),
+    "unargmaxable": ("chapter 8: unargmaxable classes of random and real softmax layers",
+                     ("cpu",), _unargmaxable),
 }
 
 

@@ -8,5 +8,7 @@ data layer and (where it builds on one) another technique.
 * :mod:`tutorial_lib.techniques.extrapolation`: chapter 5, length extrapolation
   (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions);
 * :mod:`tutorial_lib.techniques.whitening`: chapter 7, BERT-whitening with β and γ,
-  sentence pooling, Spearman's correlation.
+  sentence pooling, Spearman's correlation;
+* :mod:`tutorial_lib.techniques.unargmaxable`: chapter 8, which classes of a softmax
+  layer can be its argmax (quick certificate, braid reflect, Chebyshev LP).
 """
