@@ -3,8 +3,8 @@
 For every page of ``_toc.yml`` this opens the built HTML and checks what a reader
 would notice first: no JavaScript errors, mathematics typeset by MathJax (no raw
 TeX left on the page), every image loaded, chapter-exercise solutions folded
-until clicked, and, on pages made from notebooks, a Colab launch link to exactly
-that notebook in the book's repository.
+until clicked, a link to open an issue in the book's repository, and, on pages made
+from notebooks, a Colab launch link to exactly that notebook in the book's repository.
 
 Build first (``make book``), install MathJax locally once
 (``npm install --prefix .cache/mathjax mathjax@3``), then run ``pytest tests/site``.
@@ -310,6 +310,15 @@ def check_solutions(page) -> list[str]:
     return problems
 
 
+def check_issue_link(page) -> list[str]:
+    """A link to report a problem: a new issue in the book's repository."""
+    issues = CONFIG["repository"]["url"].rstrip("/") + "/issues/new"
+    hrefs = page.eval_on_selector_all("a[href]", "links => links.map(link => link.href)")
+    if not any(href.startswith(issues) for href in hrefs):
+        return [f"no link to open an issue ({issues}...)"]
+    return []
+
+
 def test_site_is_built(site):
     """Fails with a hint when ``_build/html`` is missing (see conftest)."""
     assert (site / "index.html").is_file()
@@ -342,6 +351,7 @@ def test_page(page_name, site, server, open_page):
     problems += check_images(page, server)
     problems += check_colab_links(page, page_name)
     problems += check_solutions(page)
+    problems += check_issue_link(page)
     # Errors are collected last: clicking and typesetting can raise them too.
     page.wait_for_timeout(200)
     problems += [f"JavaScript error: {error}" for error in log.page_errors]
