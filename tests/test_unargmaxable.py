@@ -280,3 +280,31 @@ def test_the_study_s_random_layers_have_the_stated_norm_spread():
     spread = np.log(np.linalg.norm(random_layer(4000, 8, 0.5, seed=1), axis=1))
     assert abs(spread.std() - 0.5) < 0.03 and abs(spread.mean()) < 0.03
     assert not np.array_equal(random_layer(10, 4, 0.5, 0), random_layer(10, 4, 0.5, 1))
+
+
+def test_hugging_face_output_layers_are_read_with_their_bias():
+    transformers = pytest.importorskip("transformers")
+    from tutorial_lib.studies.unargmaxable import hf_output_layer
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16)).eval()
+    with torch.no_grad():
+        bert.cls.predictions.decoder.bias.normal_()
+    weight, bias = hf_output_layer(bert)
+    assert weight.shape == (40, 8) and torch.equal(weight, bert.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(bias, bert.cls.predictions.decoder.bias)
+    marian = transformers.MarianMTModel(transformers.MarianConfig(
+        vocab_size=30, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, pad_token_id=29,
+        decoder_start_token_id=29)).eval()
+    with torch.no_grad():
+        marian.final_logits_bias.normal_()
+    weight, bias = hf_output_layer(marian)
+    assert weight.shape == (30, 8) and torch.equal(bias, marian.final_logits_bias[0])
+    # The layer's logits are what the model computes from its last hidden state.
+    hidden = torch.randn(3, 8)
+    assert torch.allclose(hidden @ weight.T + bias, marian.lm_head(hidden) + marian.final_logits_bias)
+    assert certify(weight, bias).status.shape == (30,)
+    with pytest.raises(ValueError, match="output layer"):
+        hf_output_layer(transformers.BertModel(bert.config))

@@ -92,6 +92,21 @@ def output_layer(name: str, cache_dir=None) -> tuple[torch.Tensor, torch.Tensor 
     raise ValueError(f"name must be {MINILM!r} or 'CPU baseline', got {name!r}")
 
 
+def hf_output_layer(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checked matrix and bias of a Hugging Face model with an output layer, as the
+    authors read them: ``get_output_embeddings()`` (for BERT's MLM head the tied decoder,
+    after the head's transform) and its bias, or a translation model's
+    ``final_logits_bias`` (Marian / opus-mt keep it apart from ``lm_head``)."""
+    layer = model.get_output_embeddings()
+    if layer is None:
+        raise ValueError(f"model must have an output layer (get_output_embeddings()), "
+                         f"got {type(model).__name__}")
+    bias = getattr(layer, "bias", None)
+    if bias is None and getattr(model, "final_logits_bias", None) is not None:
+        bias = model.final_logits_bias.reshape(-1)
+    return layer.weight.detach(), None if bias is None else bias.detach()
+
+
 def certify_model(name: str, cache_dir=None) -> dict[str, Any]:
     """Certify every class of a model's output layer; the classes stages 1 missed, named."""
     weight, bias, tokenizer = output_layer(name, cache_dir)
