@@ -36,3 +36,21 @@ def test_no_control_characters_in_cells(notebook):
              for index, cell in enumerate(cells)
              for snippet in control_characters("".join(cell["source"]))]
     assert not found, f"{notebook.name} has control characters:\n" + "\n".join(found)
+
+
+def test_every_notebook_names_the_repository_and_branch_of_the_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sync_repository_ref", Path(__file__).resolve().parents[1] / "scripts" / "sync_repository_ref.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    assert sync.mismatches() == [], "run: python scripts/sync_repository_ref.py"
+    # The rewrite reaches each kind of copy, as the notebooks' JSON spells it.
+    fork = ('"requirement = \\"tutorial-lib[notebooks] @ git+https://github.com/someone/fork@dev\\"\\n",\n'
+            '"  - tutorial-lib @ git+https://github.com/someone/fork@v2\\n",\n'
+            '"(https://colab.research.google.com/github/someone/fork/blob/dev/labs/x.ipynb)"')
+    url, branch = sync.repository()
+    rewritten = sync.synced(fork, url, branch)
+    assert "someone" not in rewritten and rewritten.count(f"{url}@{branch}") == 2
+    assert f"colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/labs/x.ipynb" in rewritten

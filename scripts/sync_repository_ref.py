@@ -1,0 +1,72 @@
+"""Make every notebook name the repository and branch of ``_config.yml``.
+
+``_config.yml`` (``repository.url`` and ``repository.branch``) is the one place that
+says where the book lives. The notebooks cannot read it on Colab, before anything is
+installed, so each repeats it: the install cell's requirement
+(``tutorial-lib[notebooks] @ git+<url>@<branch>``), the labs' Otter configuration
+(``tutorial-lib @ git+<url>@<branch>``) and the labs' Open-in-Colab badge. This script
+rewrites those copies from ``_config.yml``; ``--check`` only lists the notebooks that
+disagree (exit status 1), which the test suite runs.
+
+    python scripts/sync_repository_ref.py           # after changing _config.yml (a fork)
+    python scripts/sync_repository_ref.py --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GIT_REQUIREMENT = re.compile(r"git\+https://github\.com/[\w.\-]+/[\w.\-]+?(?:\.git)?@[\w.\-/]+?(?=[\"\s\\]|$)")
+COLAB = re.compile(r"https://colab\.research\.google\.com/github/[\w.\-]+/[\w.\-]+/blob/[\w.\-]+/")
+
+
+def repository() -> tuple[str, str]:
+    """``(url, branch)`` from ``_config.yml``."""
+    config = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())["repository"]
+    return config["url"].rstrip("/"), config["branch"]
+
+
+def notebooks() -> list[Path]:
+    return sorted((REPO_ROOT / "chapters").glob("*.ipynb")) + sorted((REPO_ROOT / "labs").glob("*.ipynb"))
+
+
+def synced(text: str, url: str, branch: str) -> str:
+    """``text`` with every git requirement and Colab link pointing at ``url``@``branch``."""
+    owner_repo = url.removeprefix("https://github.com/")
+    text = GIT_REQUIREMENT.sub(f"git+{url}@{branch}", text)
+    return COLAB.sub(f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/", text)
+
+
+def mismatches(paths: list[Path] | None = None) -> list[str]:
+    """The notebooks whose copies disagree with ``_config.yml`` (relative paths)."""
+    url, branch = repository()
+    return [str(path.relative_to(REPO_ROOT)) for path in (paths or notebooks())
+            if synced(path.read_text(), url, branch) != path.read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="list disagreements, change nothing")
+    args = parser.parse_args(argv)
+    wrong = mismatches()
+    if args.check:
+        for path in wrong:
+            print(f"{path}: names another repository or branch than _config.yml")
+        return 1 if wrong else 0
+    url, branch = repository()
+    for path in wrong:
+        full = REPO_ROOT / path
+        full.write_text(synced(full.read_text(), url, branch))
+        print(f"{path}: now names {url}@{branch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
