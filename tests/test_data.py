@@ -1,7 +1,12 @@
 """Data files: search order, checksums, downloads through pooch (faked, offline), loaders."""
 
+import dataclasses
+import gzip
 import hashlib
+import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import pooch
@@ -11,8 +16,9 @@ import requests
 from tutorial_lib.data import files as data
 
 CONTENT = b"line one\nline two\n"
-# The real default downloader, before the autouse fixture below replaces it.
+# The real default downloader and Hub fetcher, before the autouse fixture below replaces them.
 DOWNLOAD_URL = data.download_url
+FETCH_HUB_SPLIT = data.fetch_hub_split
 
 
 def entry_for(content, relpath="fake/file.txt", **overrides):
@@ -27,7 +33,10 @@ def offline(monkeypatch, tmp_path):
     """No network, no user cache, no TUTORIAL_LIB_DATA, and a cwd with no shared/ above it."""
     def no_network(url, output_file, pooch_instance=None):
         pytest.fail(f"a test tried to download {url}")
+    def no_hub(repo_id, revision, split):
+        pytest.fail(f"a test tried to fetch {repo_id}@{revision} from the Hub")
     monkeypatch.setattr(data, "download_url", no_network)
+    monkeypatch.setattr(data, "fetch_hub_split", no_hub)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TUTORIAL_LIB_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -408,3 +417,217 @@ def test_tiny_shakespeare_is_the_whole_text():
     text = data.load_tiny_shakespeare()
     assert len(text) == 1_115_394
     assert text.startswith("First Citizen:\n")
+
+
+# --- the other STS tasks: MTEB's copies at pinned revisions ---------------------------------
+
+# The revisions MTEB's task metadata pins (embeddings-benchmark/mteb, mteb/tasks/sts/eng/),
+# written out here so that a changed pin is a deliberate edit of both places.
+MTEB_STS = {
+    "sts12": ("mteb/sts12-sts", "a0d554a64d88156834ff5ae9920b964011b16384", 3108),
+    "sts13": ("mteb/sts13-sts", "7e90230a92c190f1bf69ae9002b8cea547a64cca", 1500),
+    "sts14": ("mteb/sts14-sts", "6031580fec1f6af667f0bd2da0a551cf4f0b2375", 3750),
+    "sts15": ("mteb/sts15-sts", "ae752c7c21bf194d8b67fd573edf7ae58183cbe3", 3000),
+    "sts16": ("mteb/sts16-sts", "4d8694f8f0e0100860b497b999b3dbed754a0513", 1186),
+    "sts-b": ("mteb/stsbenchmark-sts", "b0fddb56ed78048fa8b90373c8a3cfc37b684831", 1379),
+    "sick-r": ("mteb/sickr-sts", "20a6d6f312dd54037fe07a32d58e5e168867909d", 9927),
+}
+
+
+def sts_rows(count, low=0.0, high=5.0):
+    """``count`` distinct pairs as MTEB's rows, scores spread over [low, high]."""
+    return [{"sentence1": f"A man plays the guitar number {i}.", "sentence2": f"Sentence é{i}",
+             "score": low + (high - low) * (i % 11) / 10} for i in range(count)]
+
+
+def triples(rows):
+    return [(row["sentence1"], row["sentence2"], float(row["score"])) for row in rows]
+
+
+def write_jsonl(path, rows, compress=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    return path
+
+
+@pytest.fixture
+def few_pairs(monkeypatch):
+    """Shrink a task's registered size to 12 test pairs, so fakes stay small."""
+    def shrink(task, pairs=12):
+        monkeypatch.setitem(data.STS_TASKS, task,
+                            dataclasses.replace(data.STS_TASKS[task], pairs={"test": pairs}))
+        return pairs
+    return shrink
+
+
+def test_sts_tasks_pin_the_revisions_mteb_pins():
+    assert tuple(data.STS_TASKS) == tuple(MTEB_STS)
+    for task, (repo_id, revision, test_pairs) in MTEB_STS.items():
+        spec = data.STS_TASKS[task]
+        assert (spec.repo_id, spec.revision, spec.pairs["test"]) == (repo_id, revision, test_pairs)
+    assert data.STS_TASKS["sick-r"].scores == (1.0, 5.0)
+    assert {data.STS_TASKS[task].scores for task in MTEB_STS if task != "sick-r"} == {(0.0, 5.0)}
+
+
+def test_sts_reads_a_local_copy_in_the_env_folder(monkeypatch, tmp_path):
+    rows = sts_rows(1500)  # STS-13's real size: the registered count is checked
+    rows[3]["split"] = "test"  # extra columns (as datasets' to_json may write) are ignored
+    path = write_jsonl(tmp_path / "env" / "mteb-sts" / "sts13" / "test.jsonl", rows)
+    path.write_text(path.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # a blank line
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    pairs = data.load_sts("sts13")
+    assert pairs == triples(rows)
+    assert pairs[1] == ("A man plays the guitar number 1.", "Sentence é1", 0.5)
+    assert all(isinstance(score, float) for _, _, score in pairs)
+
+
+def test_sts_reads_a_gzip_copy_in_the_cache_and_keeps_sick_r_scores(few_pairs, tmp_path):
+    rows = sts_rows(few_pairs("sick-r"), low=1.0, high=5.0)
+    write_jsonl(data.cache_dir() / "mteb-sts" / "sick-r" / "test.jsonl.gz", rows, compress=True)
+    pairs = data.load_sts("sick-r", "test")
+    assert pairs == triples(rows)
+    assert min(score for *_, score in pairs) == 1.0 and max(score for *_, score in pairs) == 5.0
+
+
+def test_sts_b_is_the_books_checksummed_stsb():
+    shared_or_skip("sts-b/sts-dev.tsv")
+    assert data.load_sts("sts-b", "dev") == data.load_stsb("dev")
+    assert len(data.load_sts("sts-b")) == 1379  # the test split by default
+
+
+@pytest.mark.parametrize("task", ["sts17", "STS12", "sickr", "", None, 12])
+def test_unknown_task_is_rejected_naming_the_parameter(task):
+    with pytest.raises(ValueError, match=r"task must be one of \('sts12'.*'sick-r'\), got"):
+        data.load_sts(task)
+
+
+@pytest.mark.parametrize("task, split, allowed", [
+    ("sts12", "train", r"\('test',\)"), ("sick-r", "dev", r"\('test',\)"),
+    ("sts-b", "validation", r"\('train', 'dev', 'test'\)")])
+def test_sts_split_is_checked_per_task(task, split, allowed):
+    with pytest.raises(ValueError, match=rf"split must be one of {allowed}, got '{split}'"):
+        data.load_sts(task, split)
+
+
+def test_offline_without_a_copy_says_where_to_put_it_and_how_to_get_it(monkeypatch, tmp_path):
+    failure = OSError("Temporary failure in name resolution")
+
+    def offline_fetch(repo_id, revision, split):
+        raise failure
+
+    monkeypatch.setattr(data, "fetch_hub_split", offline_fetch)
+    with pytest.raises(data.DataNotFoundError) as error:
+        data.load_sts("sts15")
+    message = str(error.value)
+    for place in data.search_locations("mteb-sts/sts15/test.jsonl"):
+        assert str(place) in message and f"{place}.gz" in message
+    assert "mteb/sts15-sts" in message and MTEB_STS["sts15"][1] in message
+    assert "name resolution" in message and error.value.__cause__ is failure
+    assert "TUTORIAL_LIB_DATA" in message
+    assert str(data.cache_dir() / "mteb-sts" / "sts15" / "test.jsonl") in message
+    assert f"revision='{MTEB_STS['sts15'][1]}'" in message and "load_dataset(" in message
+    assert not (data.cache_dir() / "mteb-sts").exists()
+
+
+def test_download_false_never_fetches():
+    with pytest.raises(data.DataNotFoundError, match="download=False was passed"):
+        data.load_sts("sts16", download=False)  # the autouse fixture fails on any fetch
+
+
+def test_online_fetch_asks_for_the_pinned_revision_and_caches_the_pairs(monkeypatch):
+    rows, calls = sts_rows(1186), []  # STS-16's real size
+
+    def hub(repo_id, revision, split):
+        calls.append((repo_id, revision, split))
+        return [dict(row) for row in rows]
+
+    monkeypatch.setattr(data, "fetch_hub_split", hub)
+    assert data.load_sts("sts16") == triples(rows)
+    assert calls == [("mteb/sts16-sts", "4d8694f8f0e0100860b497b999b3dbed754a0513", "test")]
+    cached = data.cache_dir() / "mteb-sts" / "sts16" / "test.jsonl"
+    assert [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines()] == rows
+    assert not [name for name in os.listdir(cached.parent) if name.endswith(".tmp")]
+    # the next call reads the cache, offline
+    monkeypatch.setattr(data, "fetch_hub_split", lambda *a: pytest.fail("fetched twice"))
+    assert data.load_sts("sts16", download=False) == triples(rows)
+
+
+@pytest.mark.parametrize("break_rows, expected", [
+    (lambda rows: rows[:-1], r"has 11 pairs, but mteb/sickr-sts at revision 20a6d6f3\w+ has 12"),
+    (lambda rows: rows[:5] + [{**rows[5], "score": 0.5}] + rows[6:],
+     r"pair 6: .*score in \[1, 5\]"),
+    (lambda rows: rows[:2] + [{**rows[2], "score": float("nan")}] + rows[3:], r"pair 3: "),
+    (lambda rows: rows[:2] + [{**rows[2], "score": "4.0"}] + rows[3:], r"pair 3: "),
+    (lambda rows: rows[:1] + [{"sentence1": "only one"}] + rows[2:], r"pair 2: .*sentence2"),
+], ids=["truncated", "score-below-sick-r-range", "nan", "score-as-text", "missing-column"])
+def test_a_wrong_copy_is_a_clear_error(few_pairs, monkeypatch, tmp_path, break_rows, expected):
+    few_pairs("sick-r")
+    path = write_jsonl(tmp_path / "env" / "mteb-sts" / "sick-r" / "test.jsonl",
+                       break_rows(sts_rows(12, low=1.0, high=5.0)))
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path / "env"))
+    with pytest.raises(ValueError, match=expected) as error:
+        data.load_sts("sick-r")
+    assert str(path) in str(error.value)
+
+
+def test_a_line_that_is_not_json_names_the_file_and_line(few_pairs, monkeypatch, tmp_path):
+    few_pairs("sts14")
+    path = write_jsonl(tmp_path / "mteb-sts" / "sts14" / "test.jsonl", sts_rows(12))
+    path.write_text(path.read_text(encoding="utf-8") + "sentence1\tsentence2\t3.0\n",
+                    encoding="utf-8")
+    monkeypatch.setenv("TUTORIAL_LIB_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{path}, line 13: expected a JSON object"):
+        data.load_sts("sts14")
+
+
+def test_a_wrong_download_is_not_cached(few_pairs, monkeypatch):
+    few_pairs("sts12")
+    monkeypatch.setattr(data, "fetch_hub_split", lambda *a: sts_rows(11))
+    with pytest.raises(ValueError, match="has 11 pairs"):
+        data.load_sts("sts12")
+    assert not (data.cache_dir() / "mteb-sts").exists()
+
+
+def test_fetch_hub_split_loads_the_revision_with_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return [{"sentence1": "a", "sentence2": "b", "score": 1.0}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    rows = FETCH_HUB_SPLIT("mteb/sts13-sts", "7e90230a92c190f1bf69ae9002b8cea547a64cca", "test")
+    assert rows == [{"sentence1": "a", "sentence2": "b", "score": 1.0}]
+    assert calls == [("mteb/sts13-sts", {"split": "test",
+                                         "revision": "7e90230a92c190f1bf69ae9002b8cea547a64cca"})]
+
+
+def test_fetch_hub_split_without_datasets_downloads_the_splits_file(monkeypatch, tmp_path):
+    revision = MTEB_STS["sick-r"][1]
+    listed, downloaded = [], []
+
+    def list_repo_files(repo_id, *, repo_type=None, revision=None):
+        listed.append((repo_id, repo_type, revision))
+        return [".gitattributes", "README.md", "train.jsonl.gz", "test.jsonl.gz"]
+
+    def hf_hub_download(repo_id, filename, *, repo_type=None, revision=None):
+        downloaded.append((repo_id, filename, repo_type, revision))
+        return str(write_jsonl(tmp_path / filename, sts_rows(3, 1.0, 5.0), compress=True))
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(
+        list_repo_files=list_repo_files, hf_hub_download=hf_hub_download))
+    assert FETCH_HUB_SPLIT("mteb/sickr-sts", revision, "test") == sts_rows(3, 1.0, 5.0)
+    assert listed == [("mteb/sickr-sts", "dataset", revision)]
+    assert downloaded == [("mteb/sickr-sts", "test.jsonl.gz", "dataset", revision)]
+
+
+def test_the_splits_file_is_chosen_by_name():
+    shards = ["data/test-00001-of-00002.parquet", "data/train-00000-of-00001.parquet",
+              "data/test-00000-of-00002.parquet", "README.md"]
+    assert data._split_files(shards, "test") == ["data/test-00000-of-00002.parquet",
+                                                 "data/test-00001-of-00002.parquet"]
+    assert data._split_files(["test.jsonl", "test.jsonl.gz", "latest.jsonl.gz"], "test") == \
+        ["test.jsonl.gz"]
+    assert data._split_files(["train.jsonl.gz", "README.md"], "test") == []

@@ -15,6 +15,12 @@ checks the first copy it finds, and otherwise downloads the file into the cache.
 The loaders return plain Python data (lists of strings and tuples); tokenising and
 batching are :mod:`tutorial_lib.data.tokenization` and :mod:`tutorial_lib.data.batching`.
 
+One family of data sets is not in the registry: the STS tasks other than STS-B that
+chapter 7's lab scores BERT-whitening on (STS-12 to STS-16, SICK-R). Their canonical
+copies are MTEB's data sets on the Hugging Face Hub, which are fetched with the Hub's
+own client at a pinned commit (:data:`STS_TASKS`, :func:`load_sts`), not through pooch;
+a local copy is looked for in the same places first.
+
 What pooch does and what stays ours
 -----------------------------------
 Downloading is done by `pooch <https://www.fatiando.org/pooch>`_, the fetcher most
@@ -53,11 +59,15 @@ protocol, ``downloader(url, output_file, pooch)``) and defaults to the module-le
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pooch
 
@@ -420,3 +430,221 @@ def load_stsb(split: str, *, download: bool = True) -> list[tuple[str, str, floa
 def load_tiny_shakespeare(*, download: bool = True) -> str:
     """The whole Tiny Shakespeare text (about 1.1 million characters)."""
     return _read_text("tinyshakespeare/input.txt", download)
+
+
+# ---------------------------------------------------------------------------
+# The STS tasks of the BERT-whitening paper (STS-12 to STS-16, STS-B, SICK-R)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class STSTask:
+    """One sentence-similarity task as :func:`load_sts` reads it."""
+
+    name: str  # as the papers print it
+    repo_id: str  # MTEB's copy on the Hugging Face Hub (columns sentence1, sentence2, score)
+    revision: str  # the Hub commit of that copy which MTEB's task metadata pins
+    pairs: dict[str, int]  # split -> number of pairs at that revision
+    scores: tuple[float, float]  # the range of the gold scores, kept as they are
+
+
+# Each revision is the one MTEB pins for the task (TaskMetadata(dataset={"path": ...,
+# "revision": ...}) in embeddings-benchmark/mteb, mteb/tasks/sts/eng/sts12_sts.py,
+# sts13_sts.py, sts14_sts.py, sts15_sts.py, sts16_sts.py, sts_benchmark_sts.py and
+# sickr_sts.py, read at the mteb commit a905523d0111f999360b312bd4a601a0a97a0e1c); the
+# pair counts and score ranges are MTEB's statistics of those copies
+# (mteb/descriptive_stats/STS/<name>.json at the same commit: num_samples,
+# label_statistics). STS-12 to STS-16 are each year's test files concatenated, STS-13
+# without its SMT file (FNWN, headlines and OnWN: the three files SentEval and the
+# authors' code read); SICK-R's "test" split has as many pairs as SICK's train (4,500),
+# trial (500) and test (4,927) files together.
+STS_TASKS: dict[str, STSTask] = {
+    "sts12": STSTask("STS-12", "mteb/sts12-sts", "a0d554a64d88156834ff5ae9920b964011b16384",
+                     {"test": 3108}, (0.0, 5.0)),
+    "sts13": STSTask("STS-13", "mteb/sts13-sts", "7e90230a92c190f1bf69ae9002b8cea547a64cca",
+                     {"test": 1500}, (0.0, 5.0)),
+    "sts14": STSTask("STS-14", "mteb/sts14-sts", "6031580fec1f6af667f0bd2da0a551cf4f0b2375",
+                     {"test": 3750}, (0.0, 5.0)),
+    "sts15": STSTask("STS-15", "mteb/sts15-sts", "ae752c7c21bf194d8b67fd573edf7ae58183cbe3",
+                     {"test": 3000}, (0.0, 5.0)),
+    "sts16": STSTask("STS-16", "mteb/sts16-sts", "4d8694f8f0e0100860b497b999b3dbed754a0513",
+                     {"test": 1186}, (0.0, 5.0)),
+    # Read from the book's checksummed STS-B files by load_stsb (the same 1,379 test pairs
+    # as MTEB's copy), so that every split is there and every chapter scores the same bytes.
+    "sts-b": STSTask("STS-B", "mteb/stsbenchmark-sts", "b0fddb56ed78048fa8b90373c8a3cfc37b684831",
+                     {"train": 5749, "dev": 1500, "test": 1379}, (0.0, 5.0)),
+    "sick-r": STSTask("SICK-R", "mteb/sickr-sts", "20a6d6f312dd54037fe07a32d58e5e168867909d",
+                      {"test": 9927}, (1.0, 5.0)),
+}
+
+STS_FOLDER = "mteb-sts"
+
+
+def sts_relpath(task: str, split: str = "test") -> str:
+    """Where a local copy of an STS task's split lives under a data folder:
+    ``mteb-sts/<task>/<split>.jsonl`` (``.jsonl.gz`` is read too)."""
+    return f"{STS_FOLDER}/{task}/{split}.jsonl"
+
+
+def fetch_hub_split(repo_id: str, revision: str, split: str) -> list[dict[str, Any]]:
+    """The rows of ``split`` of the Hub data set ``repo_id`` at the commit ``revision``.
+
+    With the ``datasets`` package installed (Colab has it) this is
+    ``datasets.load_dataset(repo_id, split=split, revision=revision)``. Otherwise
+    ``huggingface_hub`` (which transformers installs) lists the repository's files at
+    ``revision`` and downloads the split's own: ``<split>.jsonl.gz``, ``<split>.jsonl`` or
+    the Parquet shards ``<split>-*.parquet`` (read with pandas). Either way the download
+    is cached under ``~/.cache/huggingface``. Network, Hub and import errors propagate:
+    :func:`load_sts` reports them. Tests replace this function to stay offline.
+    """
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is not None:
+        return [dict(row) for row in datasets.load_dataset(repo_id, split=split,
+                                                           revision=revision)]
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    files = list_repo_files(repo_id, repo_type="dataset", revision=revision)
+    chosen = _split_files(files, split)
+    if not chosen:
+        raise FileNotFoundError(f"{repo_id} at revision {revision} has no file for the split "
+                                f"{split!r}: its files are {sorted(files)}")
+    rows = []
+    for name in chosen:
+        path = Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=revision))
+        if name.endswith(".parquet"):
+            import pandas  # with pyarrow, as Colab has them
+
+            rows.extend(pandas.read_parquet(path).to_dict("records"))
+        else:
+            rows.extend(_json_rows(path))
+    return rows
+
+
+def _split_files(files: Iterable[str], split: str) -> list[str]:
+    """The file(s) of a Hub data set that hold ``split``: one JSON-lines file, else the
+    Parquet shards (sorted)."""
+    by_name = {name.rsplit("/", 1)[-1]: name for name in files}
+    for candidate in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if candidate in by_name:
+            return [by_name[candidate]]
+    return sorted(path for name, path in by_name.items()
+                  if name.startswith(f"{split}-") and name.endswith(".parquet"))
+
+
+def _json_rows(path: Path) -> list[Any]:
+    """The JSON value of every non-blank line of ``path`` (gzip-compressed if it ends in .gz)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as stream:
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: expected a JSON object, "
+                                     f"got {line.strip()[:80]!r} ({error})") from None
+    return rows
+
+
+def _sts_examples(rows: Iterable[Any], source: str, task: str,
+                  split: str) -> list[tuple[str, str, float]]:
+    """``(sentence1, sentence2, score)`` of each row, checked against :data:`STS_TASKS`."""
+    spec = STS_TASKS[task]
+    low, high = spec.scores
+    examples = []
+    for number, row in enumerate(rows, 1):
+        try:
+            first, second, score = row["sentence1"], row["sentence2"], row["score"]
+            valid = (isinstance(first, str) and isinstance(second, str)
+                     and isinstance(score, Real) and not isinstance(score, bool)
+                     and math.isfinite(score) and low <= score <= high)
+        except (TypeError, KeyError, IndexError):
+            valid = False
+        if not valid:
+            raise ValueError(f"{source}, pair {number}: expected an object with the strings "
+                             f"sentence1 and sentence2 and a score in [{low:g}, {high:g}], "
+                             f"got {str(row)[:200]}")
+        examples.append((first, second, float(score)))
+    expected = spec.pairs[split]
+    if len(examples) != expected:
+        raise ValueError(f"{source} has {len(examples):,} pairs, but {spec.repo_id} at revision "
+                         f"{spec.revision} has {expected:,} in its {split!r} split: the copy is "
+                         "truncated or of another revision; replace it")
+    return examples
+
+
+def _write_json_lines(path: Path, examples: list[tuple[str, str, float]]) -> None:
+    """Write the pairs as JSON lines, atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            for first, second, score in examples:
+                stream.write(json.dumps({"sentence1": first, "sentence2": second,
+                                         "score": score}, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_sts(task: str, split: str = "test", *,
+             download: bool = True) -> list[tuple[str, str, float]]:
+    """``(sentence1, sentence2, score)`` triples of one of the STS tasks that Su et al.
+    score BERT-whitening on: ``task`` is one of :data:`STS_TASKS`, ``"sts12"`` to
+    ``"sts16"``, ``"sts-b"`` and ``"sick-r"``.
+
+    Scores are the gold scores as released, not rescaled: 0 to 5 for STS-12 to STS-16
+    and STS-B, 1 to 5 for SICK-R. Spearman's correlation, the measure these tasks are
+    scored with, only sees their order, so no common scale is needed.
+
+    ``"sts-b"`` is :func:`load_stsb` (splits ``"train"``, ``"dev"``, ``"test"``: the book's
+    checksummed files). The other tasks have only the ``"test"`` split that MTEB
+    evaluates (and BERT-whitening fits its "target" statistics on), read from a local
+    copy of MTEB's data set at the revision pinned in :data:`STS_TASKS`:
+    ``mteb-sts/<task>/test.jsonl`` (or ``.jsonl.gz``), one JSON object per pair with
+    ``sentence1``, ``sentence2`` and ``score``, searched in the places
+    :func:`search_locations` lists (``$TUTORIAL_LIB_DATA``, the shared data folder, the
+    cache). With no copy and ``download=True``, :func:`fetch_hub_split` fetches the pinned
+    revision from the Hugging Face Hub and the pairs are saved in the cache, so the next
+    call reads them offline; when that is impossible :class:`DataNotFoundError` says where
+    to put the file and how to make it. The number of pairs and the score range are
+    checked against the pinned revision's (no checksum of those files could be recorded
+    offline).
+    """
+    if not isinstance(task, str) or task not in STS_TASKS:
+        raise ValueError(f"task must be one of {tuple(STS_TASKS)}, got {task!r}")
+    spec = STS_TASKS[task]
+    _check_split(split, tuple(spec.pairs))
+    if task == "sts-b":
+        return load_stsb(split, download=download)
+    relpath = sts_relpath(task, split)
+    locations = [candidate for path in search_locations(relpath)
+                 for candidate in (path, path.with_name(path.name + ".gz"))]
+    for path in locations:
+        if path.is_file():
+            return _sts_examples(_json_rows(path), str(path), task, split)
+    failure, cause = "download=False was passed", None
+    if download:
+        try:
+            rows = fetch_hub_split(spec.repo_id, spec.revision, split)
+        except Exception as error:  # network, Hub and missing-package errors, reported below
+            failure, cause = (f"fetching {spec.repo_id} at revision {spec.revision} failed: "
+                              f"{type(error).__name__}: {error}"), error
+        else:
+            source = f"{spec.repo_id} at revision {spec.revision}"
+            examples = _sts_examples(rows, source, task, split)
+            _write_json_lines(cache_dir() / relpath, examples)
+            return examples
+    searched = "\n".join(f"  {path}" for path in locations)
+    raise DataNotFoundError(
+        f"{relpath} ({spec.name}, {spec.repo_id} at revision {spec.revision}) was not found; "
+        f"searched:\n{searched}\n{failure}.\nTo provide it, save that revision's {split!r} "
+        f"split as JSON lines (one object per pair with sentence1, sentence2 and score) to "
+        f"{cache_dir() / relpath}, or to {relpath} in the folder that TUTORIAL_LIB_DATA "
+        f"names. On a machine with internet access, either call load_sts({task!r}) once and "
+        f"copy the file it saves in the cache, or run\n"
+        f"  mkdir -p {STS_FOLDER}/{task} && python -c \"from datasets import load_dataset; "
+        f"load_dataset('{spec.repo_id}', "
+        f"split='{split}', revision='{spec.revision}').to_json('{relpath}')\"") from cause
