@@ -36,6 +36,20 @@ def test_adversarial_benchmark_prints_ratios_as_last_line():
     assert all(ratio > 0 for ratio in report.values())
 
 
+def test_sift_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_sift.py", "--model", "random", "--preset", "tiny",
+         "--vocab", "100", "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["goals"] == {"sift": 2.5}
+    for key in ("step_time_ratio_vs_plain", "floor_ratio", "traversal_floor_ratio"):
+        assert set(report[key]) == {"sift", "sift_noise_only"}
+        assert all(math.isfinite(ratio) and ratio > 0 for ratio in report[key].values())
+    assert report["floor_ratio"]["sift"] > report["floor_ratio"]["sift_noise_only"] > 1
+
+
 def test_window_benchmark_prints_ratios_and_exponents_as_last_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

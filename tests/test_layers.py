@@ -35,7 +35,9 @@ PACKAGE = "tutorial_lib"
 PACKAGE_DIR = Path(tutorial_lib.__file__).resolve().parent
 
 # (importing technique, imported technique): a technique that builds on another one.
-TECHNIQUE_IMPORTS: frozenset[tuple[str, str]] = frozenset()
+TECHNIQUE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
+    ("sift", "adversarial"),  # SiFT is a perturbation at adversarial's embedding-sum site
+})
 
 # Top-level modules that are not a folder: their layer.
 TOP_LEVEL = {"assembly": "assembly", "interop": "interop", "train": "package", "": "package"}

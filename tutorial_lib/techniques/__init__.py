@@ -5,6 +5,8 @@ data layer and (where it builds on one) another technique.
   training (FGM, PGD, FreeLB, VAT, ALUM/SMART);
 * :mod:`tutorial_lib.techniques.deberta`: chapter 3, disentangled attention, the
   relative table, the enhanced mask decoder;
+* :mod:`tutorial_lib.techniques.sift`: chapter 4, scale-invariant fine-tuning (SiFT), a
+  perturbation of the normalised embedding sum built on :mod:`.adversarial`'s sites;
 * :mod:`tutorial_lib.techniques.extrapolation`: chapter 5, length extrapolation
   (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions);
 * :mod:`tutorial_lib.techniques.whitening`: chapter 7, BERT-whitening with β and γ,

@@ -122,22 +122,42 @@ def perturbation_site(model: nn.Module, where: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def perturbed(model: nn.Module, delta: torch.Tensor, where: str):
-    """Inside the block, the site's output is ``output + δ``."""
-    def add_delta(module, inputs, output):
+def transformed(model: nn.Module, where: str, transform: Callable[[torch.Tensor], torch.Tensor]):
+    """Inside the block, the site's output is replaced by ``transform(output)``.
+
+    The general form of :func:`perturbed`, for a technique that changes the site's
+    output in another way than adding ``δ`` (SiFT normalises the embedding sum first).
+    ``transform`` must return a tensor of the output's shape.
+    """
+    def apply(module, inputs, output):
         if not torch.is_tensor(output):
             raise TypeError(f"the {where} site's output must be a tensor, "
                             f"got {type(output).__name__}")
+        result = transform(output)
+        if not torch.is_tensor(result) or result.shape != output.shape:
+            shape = tuple(result.shape) if torch.is_tensor(result) else type(result).__name__
+            raise ValueError(f"the transform of the {where} output must keep its shape "
+                             f"{tuple(output.shape)}, got {shape}")
+        return result
+
+    handle = perturbation_site(model, where).register_forward_hook(apply)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def perturbed(model: nn.Module, delta: torch.Tensor, where: str):
+    """Inside the block, the site's output is ``output + δ``."""
+    def add_delta(output):
         if output.shape != delta.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)}, the {where} output "
                              f"{tuple(output.shape)}")
         return output + delta.to(output.dtype)
 
-    handle = perturbation_site(model, where).register_forward_hook(add_delta)
-    try:
+    with transformed(model, where, add_delta):
         yield
-    finally:
-        handle.remove()
 
 
 def forward_with(model: nn.Module, batch: dict[str, Any], delta: torch.Tensor | None,
