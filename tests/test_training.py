@@ -215,6 +215,27 @@ def test_dropout_seed_matters_and_runs_are_reproducible():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_stop_after_runs_the_beginning_of_the_same_run(tmp_path):
+    whole = run(steps=12, log_every=3)
+    torch.manual_seed(1234)
+    model = StandInMLM()
+    loader = BatchLoader(make_examples(), 8, mlm_collate, seed=7)
+    first = train(model, loader, quick(steps=12, log_every=3), stop_after=6)
+    # The first six updates of the 12-update run, with its schedule: the same two logs.
+    assert first.history == [{k: v for k, v in r.items() if k != "elapsed_s"} | {"elapsed_s": f["elapsed_s"]}
+                             for r, f in zip(whole.history[:2], first.history)]
+    assert len(first.history) == 2 and first.history[1]["step"] == 6
+    shorter = run(steps=6, log_every=3)  # a 6-update run decays faster: not the same
+    assert shorter.history[1]["lr"] != first.history[1]["lr"]
+    for bad in (0, 13, 2.5, True):
+        with pytest.raises(ValueError, match="stop_after"):
+            train(StandInMLM(), BatchLoader(make_examples(), 8, mlm_collate, seed=7),
+                  quick(), stop_after=bad)
+    with pytest.raises(ValueError, match="stop_after"):
+        train(StandInMLM(), BatchLoader(make_examples(), 8, mlm_collate, seed=7),
+              quick(), stop_after=3, out_dir=tmp_path)
+
+
 class Interrupt(Exception):
     pass
 

@@ -611,7 +611,7 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
           loss_step: LossStep = default_loss_step,
           eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
           out_dir: str | Path | None = None, resume: bool = False, model_config: Any = None,
-          **overrides: Any) -> TrainResult:
+          stop_after: int | None = None, **overrides: Any) -> TrainResult:
     """Train ``model`` for ``config.steps`` optimizer updates and return the history.
 
     ``config`` fields may also be given as keyword arguments (``train(m, l, steps=50)``).
@@ -621,9 +621,18 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
     the end, and final weights to ``model.safetensors`` (+ ``config.json``). ``resume``
     continues from the newest checkpoint; a fresh run refuses a directory that already
     holds checkpoints. ``model_config`` (default: ``model.config``) is stored in
-    checkpoints and compared on resume.
+    checkpoints and compared on resume. ``stop_after`` ends the run after that many of its
+    ``config.steps`` updates, with the learning-rate schedule and the logs of the whole
+    run: its first updates, exactly, for a spot check of a long run's beginning.
     """
     config = _resolve_config(config, overrides)
+    if stop_after is not None and (not _is_int(stop_after) or not 1 <= stop_after <= config.steps):
+        raise ValueError(f"stop_after must be None or an integer in [1, steps={config.steps}], "
+                         f"got {stop_after!r}")
+    if stop_after is not None and out_dir is not None:
+        raise ValueError("stop_after is for runs without out_dir: a stopped run has no final "
+                         "checkpoint or weights to write")
+    last_step = config.steps if stop_after is None else stop_after
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(getattr(loader, "next_batch", None)):
@@ -707,7 +716,7 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not (config.progress and context.is_main))
-    for step in range(start_step, config.steps):
+    for step in range(start_step, last_step):
         lr = scheduler.get_last_lr()[0]  # the rate this update uses
         _train_step(forward_model, raw_model, loader.next_batch(), loss_step, optimizer, scaler,
                     config, context, autocast, running)
