@@ -7,8 +7,8 @@ import pytest
 
 from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
-from tutorial_lib.studies import (finetune, length, position, pretraining, records, unargmaxable,
-                                  whitening)
+from tutorial_lib.studies import (finetune, length, position, pretraining, records, sift,
+                                  unargmaxable, whitening)
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                                vocab_size=300, max_length=32, batch_size=8, steps=2,
@@ -76,6 +76,25 @@ def test_a_study_record_passes_its_check_and_fails_once_perturbed(tmp_path):
         finetune.check_study(STUDY, cache_dir=cache, directory=directory)
 
 
+def test_a_sample_of_a_run_s_first_updates_checks_those_losses_only(tmp_path, monkeypatch):
+    cache, directory = tmp_path / "cache", tmp_path / "records"
+    pretrained.baseline_mlm(BASELINE, cache_dir=cache)
+    path = finetune.record_study(STUDY, cache_dir=cache, workers=1, directory=directory)
+    record = json.loads(path.read_text())
+    assert len(record["files"]["runs/plain-seed0.json"]["train_loss"]) == 3  # logged every update
+    monkeypatch.setitem(finetune.SAMPLES, STUDY.name, [("plain", 0, 2)])
+    assert finetune.check_study(STUDY, cache_dir=cache, directory=directory) == []
+    run = record["files"]["runs/plain-seed0.json"]
+    run["train_loss"][2] += 1.0  # beyond the two updates re-run: not checked
+    run["accuracy"] += 0.5
+    path.write_text(json.dumps(record))
+    assert finetune.check_study(STUDY, cache_dir=cache, directory=directory) == []
+    run["train_loss"][1] *= 1.01  # within them: checked
+    path.write_text(json.dumps(record))
+    problems = finetune.check_study(STUDY, cache_dir=cache, directory=directory)
+    assert len(problems) == 1 and "train_loss[1]" in problems[0]
+
+
 def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, monkeypatch,
                                                                       capsys):
     cache, directory = tmp_path / "cache", tmp_path / "records"
@@ -100,6 +119,8 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("adversarial", "cpu", lambda: finetune.study_key("adversarial-sst2")),
     ("positions", "cpu", lambda: position.study_key(pretrained.RECIPES["cpu"])),
     ("length", "cpu", lambda: length.study_key(length.LENGTH_RECIPES["cpu"])),
+    ("sift", "cpu", lambda: finetune.study_key("sift-sst2")),
+    ("sift-scale", "cpu", sift.study_key),
     ("whitening", "cpu", whitening.study_key),
     ("unargmaxable", "cpu", unargmaxable.study_key),
 ])

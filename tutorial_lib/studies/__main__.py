@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from tutorial_lib.studies import (baseline, finetune, length, position, pretraining, records,
-                                  unargmaxable, whitening)
+                                  sift, unargmaxable, whitening)
 from tutorial_lib.studies.harness import build_message
 
 
@@ -46,6 +46,22 @@ def _adversarial(scale, args, log):
     result = finetune.run_study("adversarial-sst2", cache_dir=args.cache_dir,
                                 rebuild=args.rebuild, workers=args.workers or 2, log=log)
     return [], result.built_now, result.path
+
+
+def _sift(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the SiFT study has a CPU recipe only; the GPU run is lab 4's")
+    result = finetune.run_study("sift-sst2", cache_dir=args.cache_dir,
+                                rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], result.built_now, result.path
+
+
+def _sift_scale(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the SiFT scale study has a CPU recipe only")
+    _, entry, built_now = sift.run_scale_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], built_now, entry
 
 
 def _positions(scale, args, log):
@@ -87,6 +103,10 @@ CHECKS = {
         cache_dir=args.cache_dir, log=log),
     "adversarial": lambda scale, args, log: finetune.check_study(
         "adversarial-sst2", cache_dir=args.cache_dir, log=log),
+    "sift": lambda scale, args, log: finetune.check_study(
+        "sift-sst2", cache_dir=args.cache_dir, log=log),
+    "sift-scale": lambda scale, args, log: sift.check_scale_study(
+        cache_dir=args.cache_dir, log=log),
     "positions": lambda scale, args, log: position.check_position_study(
         scale, cache_dir=args.cache_dir, log=log),
     "length": lambda scale, args, log: length.check_length_study(scale, log=log),
@@ -103,6 +123,11 @@ RECORDERS = {
     "adversarial": lambda scale, args, log: finetune.record_study(
         "adversarial-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
         workers=args.workers or 2, log=log),
+    "sift": lambda scale, args, log: finetune.record_study(
+        "sift-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
+        workers=args.workers or 2, log=log),
+    "sift-scale": lambda scale, args, log: sift.record_scale_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
     "positions": lambda scale, args, log: position.record_position_study(
         scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 3,
         log=log),
@@ -127,6 +152,10 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                   tuple(sorted(baseline.RECIPES)), _positions),
     "length": ("chapter 5: train short, test long, per position method",
                tuple(sorted(length.LENGTH_RECIPES)), _length),
+    "sift": ("chapter 4: SiFT vs plain, noise only, ALUM and FGM fine-tuning MiniLM on SST-2",
+             ("cpu",), _sift),
+    "sift-scale": ("chapter 4: embedding scales, and what one perturbation size means",
+                   ("cpu",), _sift_scale),
     "whitening": ("chapter 7: BERT-whitening of MiniLM and the CPU baseline on STS-B",
                   ("cpu",), _whitening),
     "unargmaxable": ("chapter 8: unargmaxable classes of random and real softmax layers",

@@ -40,6 +40,7 @@ from torch import nn
 
 from tutorial_lib import __version__, data
 from tutorial_lib.techniques.adversarial import FGM, PGD, ALUM, FreeLB, attacked_accuracy
+from tutorial_lib.techniques.sift import SiFT
 from tutorial_lib.data.batching import ClassificationCollator, classification_examples
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
 from tutorial_lib.core.model import SequenceClassifier
@@ -155,21 +156,23 @@ def sst2_data(recipe: SST2Recipe, tokenizer: Any) -> SST2Data:
 
 def fine_tune_sst2(model: nn.Module, sst2: SST2Data, recipe: SST2Recipe,
                    loss_step: Callable = default_loss_step, seed: int = 0,
-                   progress: bool = False, **train_overrides: Any) -> dict[str, Any]:
+                   progress: bool = False, stop_after: int | None = None,
+                   **train_overrides: Any) -> dict[str, Any]:
     """Train ``model`` in place with ``loss_step``; return timing and the loss history.
 
     The seed fixes the batch order and the dropout masks (and any random start of
     ``loss_step``); build ``model`` after ``seed_everything(seed)`` to fix its new
-    weights too, as :func:`run_study` does.
+    weights too, as :func:`run_study` does. ``stop_after`` trains only the first updates
+    of the run (a record's spot check).
     """
     loader = BatchLoader(sst2.train, recipe.batch_size, sst2.collator, seed=seed)
     started = time.perf_counter()
     result = train(model, loader, steps=recipe.steps, lr=recipe.lr,
                    warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
                    seed=seed, log_every=max(recipe.steps // 20, 1), progress=progress,
-                   loss_step=loss_step, **train_overrides)
+                   loss_step=loss_step, stop_after=stop_after, **train_overrides)
     seconds = time.perf_counter() - started
-    return {"train_seconds": seconds, "seconds_per_step": seconds / recipe.steps,
+    return {"train_seconds": seconds, "seconds_per_step": seconds / (stop_after or recipe.steps),
             "history": result.history}
 
 
@@ -298,6 +301,20 @@ STUDIES = {
                  ("FreeLB-3", FreeLB(steps=3, step_size=0.12, epsilon=0.3)),
                  ("ALUM (paper)", ALUM(alpha=1.0)),
                  ("ALUM (code)", ALUM(alpha=1.0, projection="code"))),
+        epsilons=(0.0, 0.1, 0.3, 0.6),
+        recipe=dataclasses.replace(SST2_RECIPES["cpu"], lr=PRETRAINED_LR),
+        start=MINILM,
+    ),
+    # Chapter 4, on the same footing as chapter 1 (same recipe, seeds and attack): SiFT
+    # with the shipped configurations' settings (λ = 5, η = 1e-4, σ = 1e-2), its initial
+    # noise alone, ALUM as its code normalises, and FGM.
+    "sift-sst2": Study(
+        name="sift-sst2",
+        methods=(("plain", None),
+                 ("SiFT", SiFT()),
+                 ("noise only", SiFT(ascent=False)),
+                 ("ALUM (code)", ALUM(alpha=1.0, projection="code")),
+                 ("FGM", FGM(epsilon=0.3))),
         epsilons=(0.0, 0.1, 0.3, 0.6),
         recipe=dataclasses.replace(SST2_RECIPES["cpu"], lr=PRETRAINED_LR),
         start=MINILM,
@@ -456,10 +473,18 @@ def fine_tuned(study: str | Study = "adversarial-sst2", method: str = "plain", s
 
 # -- the committed record of a study, and CI's check of it -----------------------------
 
-RECORD_NAMES = {"adversarial-sst2": "adversarial"}  # study -> record name
-# CI re-runs plain training with seed 0 at full length (about a minute on two threads):
-# the training losses, the clean and the attacked accuracies must match the record.
-SAMPLE = [("plain", 0)]
+RECORD_NAMES = {"adversarial-sst2": "adversarial", "sift-sst2": "sift"}  # study -> record name
+# What CI re-runs of each study: (method, seed, updates). ``None`` re-runs the whole run,
+# whose training losses and clean and attacked accuracies must match the record; a number
+# re-runs the run's first updates, whose logged training losses must match the record's
+# first ones (a SiFT run costs about three plain ones: its first 30 updates fit CI's
+# budget, the whole run does not).
+SAMPLES = {"adversarial-sst2": [("plain", 0, None)], "sift-sst2": [("SiFT", 0, 30)]}
+
+
+def _samples(study: Study) -> list[tuple[str, int, int | None]]:
+    """The study's sample: :data:`SAMPLES`, or else its first method and seed, whole."""
+    return SAMPLES.get(study.name, [(study.methods[0][0], study.seeds[0], None)])
 TOLERANCE = {"abs": 2e-3, "rel": 1e-3}
 
 
@@ -497,7 +522,7 @@ def record_study(study: str = "adversarial-sst2", *, cache_dir=None, rebuild: bo
         recipe={"study": repr(study), "recipe": dataclasses.asdict(study.recipe)},
         data=records.data_checksums(_data_files(study)), files=files,
         wall_seconds=seconds,
-        sample=[f"runs/{_run_file(name, seed)}" for name, seed in SAMPLE],
+        sample=[f"runs/{_run_file(name, seed)}" for name, seed, _ in _samples(study)],
         tolerance=TOLERANCE, directory=directory)
 
 
@@ -519,6 +544,36 @@ def check_study(study: str | Study = "adversarial-sst2", *, cache_dir=None, dire
     record = records.read_record(RECORD_NAMES.get(study.name, study.name), study.recipe.name,
                                  key=study_key(study), directory=directory)
     names = [name for name, _ in study.methods]
-    jobs = [(f"runs/{_run_file(name, seed)}", _run_in_worker,
-             (study, cache_dir, seed, names.index(name))) for name, seed in SAMPLE]
-    return records.check_sample(record, jobs, log)
+    whole = [(f"runs/{_run_file(name, seed)}", _run_in_worker,
+              (study, cache_dir, seed, names.index(name)))
+             for name, seed, updates in _samples(study) if updates is None]
+    problems = records.check_sample(record, whole, log) if whole else []
+    for name, seed, updates in _samples(study):
+        if updates is not None:
+            problems += _check_beginning(study, record, name, seed, updates, cache_dir, log)
+    return problems
+
+
+def _check_beginning(study: Study, record: dict, method: str, seed: int, updates: int,
+                     cache_dir, log) -> list[str]:
+    """Re-run the first ``updates`` updates of one run; compare its logged training losses
+    with the record's first ones."""
+    relpath = f"runs/{_run_file(method, seed)}"
+    every = max(study.recipe.steps // 20, 1)  # fine_tune_sst2's log interval
+    if updates % every:
+        raise ValueError(f"updates must be a multiple of the log interval {every}, got {updates}")
+    start, sst2 = _loaded(study, cache_dir)
+    seed_everything(seed)
+    model = start.classifier(study.recipe.pooling)
+    loss_step = dict(study.methods)[method] or default_loss_step
+    trained = fine_tune_sst2(model, sst2, study.recipe, loss_step=loss_step, seed=seed,
+                             stop_after=updates)
+    losses = [row["loss"] for row in trained["history"] if row.get("event") == "train"]
+    expected = record["files"][relpath]["train_loss"][:updates // every]
+    if log:
+        log(f"{method} seed {seed}, first {updates} updates: training losses "
+            + " ".join(f"{loss:.4f}" for loss in losses)
+            + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
+    return records.check_files({"files": {relpath: {"train_loss": expected}},
+                                "tolerance": record["tolerance"]},
+                               {relpath: {"train_loss": losses}})
