@@ -35,6 +35,7 @@ no Docker image is built and nothing is installed.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -347,6 +348,16 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
             problems.append(f"student cell {index} still has the marker {marker.group(0)!r}")
         if cell.cell_type == "code" and cell.get("outputs"):
             problems.append(f"student cell {index} has outputs (they can give answers away)")
+        if cell.cell_type == "code":
+            # Otter rewrites "x = value  # SOLUTION" to "x = ...": a statement continued
+            # over several such lines can come out as code that does not parse.
+            python = "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                               for line in cell.source.splitlines())
+            try:
+                ast.parse(python)
+            except SyntaxError as error:
+                problems.append(f"student cell {index} is not valid Python ({error.msg}, "
+                                f"line {error.lineno}: {(error.text or '').strip()!r})")
 
     texts = student_texts(out / "student", student)
     every_line = [line for text in texts for line in text]

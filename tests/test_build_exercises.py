@@ -58,6 +58,16 @@ def test_a_clean_student_version_passes(tmp_path):
     assert build_exercises.check_student(Path("labs/demo.ipynb"), secrets, out) == []
 
 
+def test_a_student_cell_that_does_not_parse_is_reported(tmp_path):
+    # What Otter makes of a call continued over two "# SOLUTION" lines.
+    secrets = build_exercises.read_secrets(source_lab())
+    out = write_student(tmp_path, [
+        new_code_cell("%matplotlib inline\nrun = ...\n                precision = ..."),
+    ])
+    problems = build_exercises.check_student(Path("labs/demo.ipynb"), secrets, out)
+    assert len(problems) == 1 and "student cell 1 is not valid Python" in problems[0]
+
+
 def test_a_leaked_solution_line_is_reported(tmp_path):
     secrets = build_exercises.read_secrets(source_lab())
     out = write_student(tmp_path, [
