@@ -7,7 +7,9 @@ The pieces, in the order a step uses them:
    ``(seed, epoch, batch_index)`` — so padding and MLM masking do not depend on the
    number of processes — and hands this rank its micro-batches.
 2. The *loss step* ``(model, batch) -> (loss, logs)`` is the only place a forward pass
-   happens; adversarial-training chapters wrap it (:func:`default_loss_step`).
+   happens; adversarial-training chapters wrap it (:func:`default_loss_step`). A loss step
+   with an ``attach(model)`` method is given the model before the optimiser is built, to
+   add modules of its own that train with the model (chapter 2's adversaries).
 3. **Loss normalisation.** A micro-batch's loss is a mean over its own targets (masked
    tokens for MLM, rows for classification). For the update to equal the gradient of
    the *global-batch* mean, each micro-batch loss is weighted by its share of the global
@@ -661,6 +663,12 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
+    # A loss step that brings modules of its own (chapter 2's adversaries) adds them here,
+    # before the optimiser is built: they then train, and are checkpointed and resumed,
+    # with the model. It must reuse what a model already has (a resumed run's model).
+    attach = getattr(loss_step, "attach", None)
+    if callable(attach):
+        attach(raw_model)
     optimizer = build_optimizer(raw_model, config, device)
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 and device.type == "cuda" else None
