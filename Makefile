@@ -58,13 +58,15 @@ browser: setup $(MATHJAX_DIR)
 $(MATHJAX_DIR):
 	npm install --silent --no-audit --no-fund --prefix .cache/mathjax mathjax@3
 
+# Also writes the student versions into exercises/, which the site shows: commit them.
 exercises: setup
 	$(BIN)/python scripts/build_exercises.py
 
 # In make test the labs, solutions and tests, have just run once under nbval
-# (notebooks-check), so Otter only generates the student and autograder versions.
+# (notebooks-check), so Otter only generates the student and autograder versions;
+# --check fails if a committed student version in exercises/ is not the fresh one.
 exercises-after-nbval: setup
-	$(BIN)/python scripts/build_exercises.py --solutions-tested-by-nbval
+	$(BIN)/python scripts/build_exercises.py --solutions-tested-by-nbval --check
 
 # Re-execute every notebook in place (after changing the library or a notebook).
 notebooks: setup baseline

@@ -52,6 +52,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LABS = REPO_ROOT / "labs"
 OUTPUT = REPO_ROOT / "dist" / "exercises"
+# The committed student versions: what the book's Labs pages and Colab badges show.
+STUDENT_COPIES = REPO_ROOT / "exercises"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 BOUNDARY = re.compile(r"#\s+(begin|end)\s+(question|prompt|solution|tests)\b", re.IGNORECASE)
@@ -64,6 +66,11 @@ MARKERS = re.compile(
     r"#\s*(BEGIN|END)\s+(SOLUTION|QUESTION|TESTS|PROMPT|TEST CONFIG)\b|# ?SOLUTION\b"
     r"|#\s*ASSIGNMENT CONFIG\b"
 )
+# The cell Otter puts after each question, and what the student version may not use.
+GRADER_CHECK = re.compile(r"""\s*grader\.check\(\s*["']([^"']+)["']\s*\)\s*""")
+USES_OTTER = re.compile(r"\bimport otter\b|\bfrom otter\b|\botter\.Notebook\b|\bgrader\.")
+# Cell metadata a student version keeps (Otter's locks and the rendering tags).
+KEPT_CELL_METADATA = ("tags", "deletable", "editable")
 # A solution line shorter than this (spaces not counted) is too generic to look
 # for on its own, e.g. ``return out``; it still counts as part of its block.
 MIN_CHARS = 16
@@ -85,6 +92,9 @@ class LabSecrets:
     # tests), e.g. ``seed_everything(SEED)`` in the set-up cell and in a solution:
     # finding one of them in the student version is not a leak.
     public: list[str] = field(default_factory=list)
+    # Each question's public tests, as written in the source (test configuration removed):
+    # the student version runs them as plain cells where Otter would put grader.check.
+    public_tests: dict[str, list[str]] = field(default_factory=dict)
 
 
 def source_lines(cell) -> list[str]:
@@ -176,6 +186,7 @@ def read_secrets(notebook) -> LabSecrets:
                 if block == "question":
                     question = yaml.safe_load("\n".join(lines[1:])) or {}
                     secrets.questions.append(str(question.get("name", f"cell {index}")))
+                    secrets.public_tests[secrets.questions[-1]] = []
             elif not stack or stack.pop() != block:
                 raise LabError(f"cell {index}: '# END {block.upper()}' does not close an open block")
             continue
@@ -189,6 +200,8 @@ def read_secrets(notebook) -> LabSecrets:
             hidden, body = test_body(lines)
             if hidden and normalise(body):
                 secrets.hidden_tests.append(normalise(body))
+            elif not hidden and normalise(body) and secrets.questions:
+                secrets.public_tests[secrets.questions[-1]].append("\n".join(body).strip("\n"))
         elif cell.cell_type == "code" and re.search(r"#\s*(BEGIN )?SOLUTION\b", cell.source):
             # Solution markers outside a solution block are only stripped when
             # strip_solutions_from_all_cells is set; look for leaks either way.
@@ -332,6 +345,69 @@ def check_test_cells(notebook) -> list[str]:
     return problems
 
 
+def public_check_source(question: str, tests: list[str]) -> str:
+    """The cell that replaces Otter's ``grader.check(question)``: the public tests as code."""
+    if not tests:
+        return (f"# {question} has no public checks: the autograder's tests are hidden.\n"
+                f'print("{question}: no public checks")')
+    head = (f"# Public checks of {question}: this cell runs without an error when they pass.\n"
+            "# Graded submissions also face hidden tests.\n")
+    return head + "\n\n".join(tests) + f'\nprint("{question}: the public checks pass")'
+
+
+def plain_student_version(otter_student, secrets: LabSecrets):
+    """The student version without Otter: Otter's student notebook with its set-up cell
+    (``import otter``) removed, each ``grader.check("q")`` cell replaced by q's public
+    tests as plain code, no tests in the metadata, answer cells unfolded (the source
+    folds its solutions with ``hide-input``), and metadata and cell ids that do not
+    depend on when or where it was built."""
+    cells = []
+    for cell in otter_student.cells:
+        if cell.cell_type == "code" and "otter.Notebook(" in cell.source:
+            continue
+        match = GRADER_CHECK.fullmatch(cell.source) if cell.cell_type == "code" else None
+        if match:
+            question = match.group(1)
+            if question not in secrets.public_tests:
+                raise LabError(f"Otter checks an unknown question {question!r}")
+            cell = nbformat.v4.new_code_cell(public_check_source(question, secrets.public_tests[question]))
+        else:
+            cell = nbformat.from_dict(cell)
+            cell.metadata = nbformat.from_dict({key: value for key, value in cell.metadata.items()
+                                                if key in KEPT_CELL_METADATA})
+            tags = cell.metadata.get("tags", [])
+            if "otter_answer_cell" in tags and "hide-input" in tags:
+                cell.metadata["tags"] = [tag for tag in tags if tag != "hide-input"]
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
+    for index, cell in enumerate(cells):
+        cell.id = f"cell-{index:03d}"
+    return nbformat.v4.new_notebook(cells=cells, metadata={
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    })
+
+
+def student_copy_problems(lab: Path, out: Path, write: bool) -> list[str]:
+    """Compare the committed student version ``exercises/<lab>`` with the one just
+    built in ``out``; with ``write``, replace it instead."""
+    built = (out / "student" / lab.name).read_text(encoding="utf-8")
+    committed = STUDENT_COPIES / lab.name
+    shown = committed.relative_to(REPO_ROOT) if committed.is_relative_to(REPO_ROOT) else committed
+    source = lab.relative_to(REPO_ROOT) if lab.is_relative_to(REPO_ROOT) else lab
+    if write:
+        STUDENT_COPIES.mkdir(exist_ok=True)
+        committed.write_text(built, encoding="utf-8")
+        return []
+    if not committed.is_file():
+        return [f"{shown} is missing: run `make exercises` and commit it"]
+    if committed.read_text(encoding="utf-8") != built:
+        return [f"{shown} is not the student version of the current {source}: "
+                "run `make exercises` and commit it"]
+    return []
+
+
 def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
     """Problems with the student version of ``lab``; empty when it is clean."""
     problems = []
@@ -346,6 +422,10 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
         marker = MARKERS.search(cell.source)
         if marker:
             problems.append(f"student cell {index} still has the marker {marker.group(0)!r}")
+        otter_use = USES_OTTER.search(cell.source) if cell.cell_type == "code" else None
+        if otter_use:
+            problems.append(f"student cell {index} uses Otter ({otter_use.group(0)!r}); the student "
+                            "version runs its public checks as plain code")
         if cell.cell_type == "code" and cell.get("outputs"):
             problems.append(f"student cell {index} has outputs (they can give answers away)")
         if cell.cell_type == "code":
@@ -378,6 +458,8 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
     metadata = json.dumps(student.metadata.get("otter", {}))
     if '"hidden": true' in metadata:
         problems.append("the student notebook's metadata lists a hidden test case")
+    if "otter" in student.metadata:
+        problems.append("the student notebook's metadata holds Otter's tests")
     return problems
 
 
@@ -409,7 +491,13 @@ def assign(lab: Path, out: Path, env: dict[str, str], run_tests: bool = True) ->
         raise LabError(f"otter assign failed (exit {result.returncode}):\n{report}")
 
 
-def build(lab: Path, env: dict[str, str], run_tests: bool = True) -> list[str]:
+def build(lab: Path, env: dict[str, str], run_tests: bool = True,
+          student_copy: str | None = None) -> list[str]:
+    """Build one lab into ``dist/exercises/<lab>``; the problems found, empty when none.
+
+    ``student_copy`` is ``"write"`` to update the committed copy in ``exercises/``,
+    ``"check"`` to report a committed copy that differs from the fresh build, or None.
+    """
     notebook = nbformat.read(lab, as_version=4)
     secrets = read_secrets(notebook)
     problems = check_test_cells(notebook)
@@ -424,7 +512,13 @@ def build(lab: Path, env: dict[str, str], run_tests: bool = True) -> list[str]:
     out = OUTPUT / lab.stem
     try:
         assign(lab, out, env, run_tests=run_tests)
+        student_path = out / "student" / lab.name
+        if student_path.is_file():
+            otter_student = nbformat.read(student_path, as_version=4)
+            nbformat.write(plain_student_version(otter_student, secrets), student_path)
         problems = check_student(lab, secrets, out)
+        if not problems and student_copy:
+            problems = student_copy_problems(lab, out, write=student_copy == "write")
     except LabError:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -437,6 +531,9 @@ def build(lab: Path, env: dict[str, str], run_tests: bool = True) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("labs", nargs="*", type=Path, help="lab notebooks (default: labs/*.ipynb)")
+    parser.add_argument("--check", action="store_true",
+                        help="do not update exercises/ (the committed student versions): fail "
+                             "if a copy there differs from the fresh build, is missing or has no lab")
     parser.add_argument("--solutions-tested-by-nbval", action="store_true",
                         help="skip Otter's run of the tests: the labs, solutions and tests, "
                              "were just executed and checked by nbval (make notebooks-check)")
@@ -465,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not lab.is_file():
                 raise LabError("no such notebook")
-            problems = build(lab, env, run_tests=not args.solutions_tested_by_nbval)
+            problems = build(lab, env, run_tests=not args.solutions_tested_by_nbval,
+                             student_copy="check" if args.check else "write")
         except LabError as error:
             problems = [str(error)]
         seconds = time.perf_counter() - start
@@ -476,6 +574,20 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + problem.replace("\n", "\n  "))
         else:
             print(f"ok ({seconds:.1f} s) -> {(OUTPUT / lab.stem).relative_to(REPO_ROOT)}")
+
+    if not args.labs:
+        # A full build also accounts for every committed copy: one whose lab is gone
+        # would stay on the book's site.
+        sources = {lab.name for lab in labs}
+        for orphan in sorted(STUDENT_COPIES.glob("*.ipynb")):
+            if orphan.name in sources:
+                continue
+            if args.check:
+                failed.append(orphan.relative_to(REPO_ROOT))
+                print(f"{orphan.relative_to(REPO_ROOT)}: no lab labs/{orphan.name} builds it; delete it")
+            else:
+                orphan.unlink()
+                print(f"{orphan.relative_to(REPO_ROOT)}: deleted, its lab is gone")
 
     if failed:
         print(f"{len(failed)} of {len(labs)} lab(s) failed: " + ", ".join(map(str, failed)), file=sys.stderr)

@@ -4,9 +4,12 @@
 says where the book lives. The notebooks cannot read it on Colab, before anything is
 installed, so each repeats it: the install cell's requirement
 (``tutorial-lib[notebooks] @ git+<url>@<branch>``), the labs' Otter configuration
-(``tutorial-lib @ git+<url>@<branch>``) and the labs' Open-in-Colab badge. This script
-rewrites those copies from ``_config.yml``; ``--check`` only lists the notebooks that
-disagree (exit status 1), which the test suite runs.
+(``tutorial-lib[notebooks] @ git+<url>@<branch>``: the grading environment needs what
+the labs import) and the labs' Open-in-Colab badge. A lab's badge opens its student
+version, ``exercises/<lab>.ipynb`` (built by ``scripts/build_exercises.py``), in the
+source lab as in the student copy. This script rewrites those copies from
+``_config.yml``; ``--check`` only lists the notebooks that disagree (exit status 1),
+which the test suite runs.
 
     python scripts/sync_repository_ref.py           # after changing _config.yml (a fork)
     python scripts/sync_repository_ref.py --check
@@ -24,6 +27,12 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIT_REQUIREMENT = re.compile(r"git\+https://github\.com/[\w.\-]+/[\w.\-]+?(?:\.git)?@[\w.\-/]+?(?=[\"\s\\]|$)")
 COLAB = re.compile(r"https://colab\.research\.google\.com/github/[\w.\-]+/[\w.\-]+/blob/[\w.\-]+/")
+# A Colab link to a lab, the source's or the student version's.
+LAB_IN_COLAB = re.compile(r"(https://colab\.research\.google\.com/github/[^)\s\"]*?/blob/[\w.\-]+/)"
+                          r"(?:labs|exercises)/([\w.\-]+\.ipynb)")
+# The lab's requirement in its Otter configuration, without the notebooks extra.
+OTTER_REQUIREMENT = re.compile(r"(-\s+)tutorial-lib\s*@\s*git\+")
+FOLDERS = ("chapters", "labs", "exercises")
 
 
 def repository() -> tuple[str, str]:
@@ -33,14 +42,18 @@ def repository() -> tuple[str, str]:
 
 
 def notebooks() -> list[Path]:
-    return sorted((REPO_ROOT / "chapters").glob("*.ipynb")) + sorted((REPO_ROOT / "labs").glob("*.ipynb"))
+    return [path for folder in FOLDERS for path in sorted((REPO_ROOT / folder).glob("*.ipynb"))]
 
 
 def synced(text: str, url: str, branch: str) -> str:
-    """``text`` with every git requirement and Colab link pointing at ``url``@``branch``."""
+    """``text`` with every git requirement and Colab link pointing at ``url``@``branch``,
+    every Colab link to a lab opening its student version, and every Otter requirement
+    of the book's library asking for the notebooks extra."""
     owner_repo = url.removeprefix("https://github.com/")
     text = GIT_REQUIREMENT.sub(f"git+{url}@{branch}", text)
-    return COLAB.sub(f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/", text)
+    text = OTTER_REQUIREMENT.sub(r"\1tutorial-lib[notebooks] @ git+", text)
+    text = COLAB.sub(f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/", text)
+    return LAB_IN_COLAB.sub(r"\1exercises/\2", text)
 
 
 def mismatches(paths: list[Path] | None = None) -> list[str]:
@@ -58,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     wrong = mismatches()
     if args.check:
         for path in wrong:
-            print(f"{path}: names another repository or branch than _config.yml")
+            print(f"{path}: disagrees with _config.yml (repository, branch) or a lab link or requirement is stale")
         return 1 if wrong else 0
     url, branch = repository()
     for path in wrong:
         full = REPO_ROOT / path
         full.write_text(synced(full.read_text(), url, branch))
-        print(f"{path}: now names {url}@{branch}")
+        print(f"{path}: now names {url}@{branch}, labs open in exercises/")
     return 0
 
 

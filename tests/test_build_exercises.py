@@ -140,3 +140,84 @@ def test_without_the_test_run_otter_reads_a_copy_that_says_so(tmp_path, monkeypa
     assert "name: demo" in seen["config"]
     build_exercises.assign(lab, tmp_path / "out", {}, run_tests=True)
     assert "run_tests" not in seen["config"]  # the lab itself, unchanged
+
+
+def lab_with_public_and_hidden_tests():
+    return new_notebook(cells=[
+        new_raw_cell("# ASSIGNMENT CONFIG\nname: demo"),
+        new_raw_cell("# BEGIN QUESTION\nname: q1"),
+        new_raw_cell("# BEGIN SOLUTION"),
+        new_code_cell("def double(x):\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION",
+                      metadata={"tags": ["hide-input"]}),
+        new_raw_cell("# END SOLUTION"),
+        new_raw_cell("# BEGIN TESTS"),
+        new_code_cell("assert double(2) == 4"),
+        new_code_cell('""" # BEGIN TEST CONFIG\npoints: 1\n""" # END TEST CONFIG\nassert double(0) == 0'),
+        new_code_cell("# HIDDEN\nassert double(-3) == -6"),
+        new_raw_cell("# END TESTS"),
+        new_raw_cell("# END QUESTION"),
+        new_raw_cell("# BEGIN QUESTION\nname: q2"),
+        new_raw_cell("# BEGIN TESTS"),
+        new_code_cell("# HIDDEN\nassert double(1) == 2"),
+        new_raw_cell("# END TESTS"),
+        new_raw_cell("# END QUESTION"),
+    ])
+
+
+def otter_student_version():
+    """What Otter Assign makes of the lab above (the shape of its student notebook)."""
+    notebook = new_notebook(cells=[
+        new_code_cell('# Initialize Otter\nimport otter\ngrader = otter.Notebook("demo.ipynb")',
+                      metadata={"deletable": False, "editable": False}),
+        new_code_cell("def double(x):\n    ...",
+                      metadata={"tags": ["hide-input", "otter_answer_cell"], "execution": {"iopub.execute_input": "2026-01-01T00:00:00Z"}}),
+        new_code_cell('grader.check("q1")', metadata={"deletable": False, "editable": False}),
+        new_code_cell('grader.check("q2")'),
+    ])
+    notebook.metadata["otter"] = {"tests": {"q1": {"suites": []}}}
+    notebook.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    return notebook
+
+
+def test_the_student_version_runs_its_public_tests_as_plain_code():
+    secrets = build_exercises.read_secrets(lab_with_public_and_hidden_tests())
+    assert secrets.public_tests == {"q1": ["assert double(2) == 4", "assert double(0) == 0"], "q2": []}
+    student = build_exercises.plain_student_version(otter_student_version(), secrets)
+    sources = [cell.source for cell in student.cells]
+    assert len(sources) == 3 and not any(build_exercises.USES_OTTER.search(source) for source in sources)
+    assert sources[0] == "def double(x):\n    ..."
+    assert student.cells[0].metadata == {"tags": ["otter_answer_cell"]}  # unfolded, no timings
+    assert "assert double(2) == 4\n\nassert double(0) == 0" in sources[1]
+    assert "-3" not in "".join(sources) and "has no public checks" in sources[2]
+    assert "otter" not in student.metadata and student.metadata["language_info"] == {"name": "python"}
+    # Public checks that pass run silently but for their last line; a wrong answer raises.
+    namespace = {}
+    exec("def double(x):\n    return 2 * x", namespace)
+    exec(sources[1], namespace)
+    exec("def double(x):\n    return x + 2", namespace)
+    try:
+        exec(sources[1], namespace)
+        raise RuntimeError("a wrong answer passed the public checks")
+    except AssertionError:
+        pass
+    # Built twice, the same bytes: the committed copy can be compared with a fresh build.
+    again = build_exercises.plain_student_version(otter_student_version(), secrets)
+    assert nbformat.writes(again) == nbformat.writes(student)
+
+
+def test_a_student_version_that_uses_otter_is_reported(tmp_path):
+    secrets = build_exercises.read_secrets(source_lab())
+    out = write_student(tmp_path, [new_code_cell("import otter"), new_code_cell('grader.check("q1")')])
+    problems = build_exercises.check_student(Path("labs/demo.ipynb"), secrets, out)
+    assert len(problems) == 2 and all("uses Otter" in problem for problem in problems)
+
+
+def test_a_stale_committed_student_version_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_exercises, "STUDENT_COPIES", tmp_path / "exercises")
+    out = write_student(tmp_path, [new_code_cell("scratch_model = ...")])
+    lab = Path("labs/demo.ipynb")
+    assert "is missing" in build_exercises.student_copy_problems(lab, out, write=False)[0]
+    assert build_exercises.student_copy_problems(lab, out, write=True) == []
+    assert build_exercises.student_copy_problems(lab, out, write=False) == []
+    (tmp_path / "exercises" / "demo.ipynb").write_text("{}")
+    assert "is not the student version" in build_exercises.student_copy_problems(lab, out, write=False)[0]

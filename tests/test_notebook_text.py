@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted([*REPO_ROOT.glob("chapters/*.ipynb"), *REPO_ROOT.glob("labs/*.ipynb")])
+NOTEBOOKS = sorted([*REPO_ROOT.glob("chapters/*.ipynb"), *REPO_ROOT.glob("labs/*.ipynb"),
+                    *REPO_ROOT.glob("exercises/*.ipynb")])
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\t")
 
 
@@ -53,4 +54,8 @@ def test_every_notebook_names_the_repository_and_branch_of_the_config():
     url, branch = sync.repository()
     rewritten = sync.synced(fork, url, branch)
     assert "someone" not in rewritten and rewritten.count(f"{url}@{branch}") == 2
-    assert f"colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/labs/x.ipynb" in rewritten
+    # A lab's badge opens its student version; Otter's grading environment gets the
+    # notebooks extra, everything a lab imports.
+    assert f"colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/exercises/x.ipynb" in rewritten
+    assert f"  - tutorial-lib[notebooks] @ git+{url}@{branch}" in rewritten
+    assert sync.synced(rewritten, url, branch) == rewritten
