@@ -10,12 +10,18 @@ see ``book/instructors.md``) this writes
     dist/exercises/<stem>/autograder/   the solution notebook and the
                                         autograder zip for ``otter grade``,
                                         ``otter run`` or Gradescope
+    exercises/<stem>.ipynb              the student notebook again, committed:
+                                        the book's Labs pages and Colab badges
+                                        show it (``--check``: only compare)
 
 Otter Assign runs every test, public and hidden, against the solutions; a lab
-whose solutions fail a test fails the build. Afterwards this script checks the
-student notebook itself: it must contain no Otter markers, no line of a
-solution, no hidden test and no cell output. The exit status is non-zero if any
-lab fails either step.
+whose solutions fail a test fails the build. The student notebook is then made
+independent of Otter (:func:`plain_student_version`: each ``grader.check`` cell
+becomes the question's public tests as plain asserts, so it runs on Colab with
+nothing but the library), and checked: it must contain no Otter markers, no use of
+Otter, no line of a solution, no hidden test and no cell output. The exit status is
+non-zero if any lab fails a step, or, with ``--check``, if a committed copy in
+``exercises/`` differs from the fresh build.
 
 Otter runs each test cell in its own copy of the notebook's namespace, without
 the names that other test cells define, and compares what the cell prints with
@@ -358,7 +364,8 @@ def public_check_source(question: str, tests: list[str]) -> str:
 def plain_student_version(otter_student, secrets: LabSecrets):
     """The student version without Otter: Otter's student notebook with its set-up cell
     (``import otter``) removed, each ``grader.check("q")`` cell replaced by q's public
-    tests as plain code, no tests in the metadata, answer cells unfolded (the source
+    tests as plain code, no tests in the metadata (only the assignment's name, which
+    Otter's grader checks in a submission), answer cells unfolded (the source
     folds its solutions with ``hide-input``), and metadata and cell ids that do not
     depend on when or where it was built."""
     cells = []
@@ -383,10 +390,15 @@ def plain_student_version(otter_student, secrets: LabSecrets):
         cells.append(cell)
     for index, cell in enumerate(cells):
         cell.id = f"cell-{index:03d}"
-    return nbformat.v4.new_notebook(cells=cells, metadata={
+    metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
-    })
+    }
+    # Otter's runner refuses a submission that does not name its assignment.
+    name = otter_student.metadata.get("otter", {}).get("assignment_name")
+    if name:
+        metadata["otter"] = {"assignment_name": name}
+    return nbformat.v4.new_notebook(cells=cells, metadata=metadata)
 
 
 def student_copy_problems(lab: Path, out: Path, write: bool) -> list[str]:
@@ -458,8 +470,9 @@ def check_student(lab: Path, secrets: LabSecrets, out: Path) -> list[str]:
     metadata = json.dumps(student.metadata.get("otter", {}))
     if '"hidden": true' in metadata:
         problems.append("the student notebook's metadata lists a hidden test case")
-    if "otter" in student.metadata:
-        problems.append("the student notebook's metadata holds Otter's tests")
+    if set(student.metadata.get("otter", {})) - {"assignment_name"}:
+        problems.append("the student notebook's metadata holds more of Otter than the assignment's "
+                        "name (its tests?)")
     return problems
 
 
