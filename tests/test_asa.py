@@ -457,3 +457,29 @@ def test_attach_is_idempotent():
     first = asa.attach(model)
     assert asa.attach(model) is first
     assert len(model.encoder.attention_plugins) == 1
+
+
+def test_clipping_leaves_the_adversaries_out(monkeypatch):
+    import tutorial_lib.training.loop as loop
+
+    seen = []
+    real_clip = loop.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm):
+        parameters = list(parameters)
+        seen.append({id(p) for p in parameters})
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(loop.nn.utils, "clip_grad_norm_", spy)
+    model = fresh()
+    train(model, BatchLoader(examples(), 8, collate, seed=0), steps=1, lr=1e-3,
+          loss_step=asa.ASA(), grad_clip=1.0)
+    plugin = model.encoder.attention_plugins[0]
+    adversaries = {id(p) for p in plugin.parameters()}
+    others = {id(p) for p in model.parameters()} - adversaries
+    assert seen == [others]
+    # plain training clips every parameter, as before
+    seen.clear()
+    plain = fresh()
+    train(plain, BatchLoader(examples(), 8, collate, seed=0), steps=1, lr=1e-3, grad_clip=1.0)
+    assert seen == [{id(p) for p in plain.parameters()}]

@@ -50,6 +50,18 @@ def test_sift_benchmark_prints_ratios_as_last_line():
     assert report["floor_ratio"]["sift"] > report["floor_ratio"]["sift_noise_only"] > 1
 
 
+def test_asa_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_asa.py", "--preset", "tiny", "--vocab", "100",
+         "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["goals"] == {"asa": 1.8} and report["floor_ratio"] == 2.0
+    assert set(report["step_time_ratio_vs_plain"]) == {"asa", "r_drop"}
+    assert all(math.isfinite(r) and r > 0 for r in report["step_time_ratio_vs_plain"].values())
+
+
 def test_window_benchmark_prints_ratios_and_exponents_as_last_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

@@ -120,6 +120,7 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("positions", "cpu", lambda: position.study_key(pretrained.RECIPES["cpu"])),
     ("length", "cpu", lambda: length.study_key(length.LENGTH_RECIPES["cpu"])),
     ("sift", "cpu", lambda: finetune.study_key("sift-sst2")),
+    ("asa", "cpu", lambda: finetune.study_key("asa-sst2")),
     ("sift-scale", "cpu", sift.study_key),
     ("whitening", "cpu", whitening.study_key),
     ("unargmaxable", "cpu", unargmaxable.study_key),

@@ -40,20 +40,20 @@ def _pretraining(scale, args, log):
     return [], built_now, study.path
 
 
-def _adversarial(scale, args, log):
-    if scale != "cpu":
-        raise SystemExit("the adversarial study has a CPU recipe only; the GPU run is lab 1's")
-    result = finetune.run_study("adversarial-sst2", cache_dir=args.cache_dir,
-                                rebuild=args.rebuild, workers=args.workers or 2, log=log)
-    return [], result.built_now, result.path
+def _fine_tuning(study: str, chapter: str, lab: str):
+    """The builder of a fine-tuning study of :mod:`.finetune` (CPU recipe only)."""
+    def build(scale, args, log):
+        if scale != "cpu":
+            raise SystemExit(f"the {chapter} study has a CPU recipe only; the GPU run is {lab}'s")
+        result = finetune.run_study(study, cache_dir=args.cache_dir, rebuild=args.rebuild,
+                                    workers=args.workers or 2, log=log)
+        return [], result.built_now, result.path
+    return build
 
 
-def _sift(scale, args, log):
-    if scale != "cpu":
-        raise SystemExit("the SiFT study has a CPU recipe only; the GPU run is lab 4's")
-    result = finetune.run_study("sift-sst2", cache_dir=args.cache_dir,
-                                rebuild=args.rebuild, workers=args.workers or 2, log=log)
-    return [], result.built_now, result.path
+_adversarial = _fine_tuning("adversarial-sst2", "adversarial", "lab 1")
+_asa = _fine_tuning("asa-sst2", "ASA", "lab 2")
+_sift = _fine_tuning("sift-sst2", "SiFT", "lab 4")
 
 
 def _sift_scale(scale, args, log):
@@ -103,6 +103,8 @@ CHECKS = {
         cache_dir=args.cache_dir, log=log),
     "adversarial": lambda scale, args, log: finetune.check_study(
         "adversarial-sst2", cache_dir=args.cache_dir, log=log),
+    "asa": lambda scale, args, log: finetune.check_study(
+        "asa-sst2", cache_dir=args.cache_dir, log=log),
     "sift": lambda scale, args, log: finetune.check_study(
         "sift-sst2", cache_dir=args.cache_dir, log=log),
     "sift-scale": lambda scale, args, log: sift.check_scale_study(
@@ -122,6 +124,9 @@ RECORDERS = {
         cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
     "adversarial": lambda scale, args, log: finetune.record_study(
         "adversarial-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
+        workers=args.workers or 2, log=log),
+    "asa": lambda scale, args, log: finetune.record_study(
+        "asa-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
         workers=args.workers or 2, log=log),
     "sift": lambda scale, args, log: finetune.record_study(
         "sift-sst2", cache_dir=args.cache_dir, rebuild=args.rebuild,
@@ -148,6 +153,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                     ("cpu",), _pretraining),
     "adversarial": ("chapter 1: adversarial fine-tuning of MiniLM, methods x seeds on SST-2",
                     ("cpu",), _adversarial),
+    "asa": ("chapter 2: ASA vs its M = 1 ablation (R-Drop) and plain fine-tuning of MiniLM on SST-2",
+            ("cpu",), _asa),
     "positions": ("chapter 3: absolute, relative-bias, disentangled, disentangled + EMD",
                   tuple(sorted(baseline.RECIPES)), _positions),
     "length": ("chapter 5: train short, test long, per position method",

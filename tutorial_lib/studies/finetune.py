@@ -40,6 +40,7 @@ from torch import nn
 
 from tutorial_lib import __version__, data
 from tutorial_lib.techniques.adversarial import FGM, PGD, ALUM, FreeLB, attacked_accuracy
+from tutorial_lib.techniques.asa import ASA, AdversarialSelfAttention
 from tutorial_lib.techniques.sift import SiFT
 from tutorial_lib.data.batching import ClassificationCollator, classification_examples
 from tutorial_lib.training.evaluation import classification_metrics, fixed_batches
@@ -319,7 +320,23 @@ STUDIES = {
         recipe=dataclasses.replace(SST2_RECIPES["cpu"], lr=PRETRAINED_LR),
         start=MINILM,
     ),
+    # Chapter 2, on the same footing again: ASA with the code's budget weight (tau = 0.5),
+    # its ablation M = 1 (a second, unmasked pass: R-Drop) and plain training; chapter 1's
+    # record holds FGM and FreeLB on this footing.
+    "asa-sst2": Study(
+        name="asa-sst2",
+        methods=(("plain", None),
+                 ("ASA", ASA()),
+                 ("M = 1 (R-Drop)", ASA(adversary=False))),
+        epsilons=(0.0, 0.1, 0.3, 0.6),
+        recipe=dataclasses.replace(SST2_RECIPES["cpu"], lr=PRETRAINED_LR),
+        start=MINILM,
+    ),
 }
+
+# Development sentences whose masks an ASA run records (indices into the dev set, whose
+# order is the data file's): four short sentences, two of each label.
+ASA_EXAMPLES = (1, 8, 15, 30)
 
 
 @dataclass
@@ -435,10 +452,64 @@ def _run_one(study: Study, start: Start, sst2: SST2Data, seed: int, index: int,
            "seconds_per_step": trained["seconds_per_step"], "train_loss": losses,
            "final_logs": {k: v for k, v in trained["history"][-1].items()
                           if isinstance(v, (int, float))}}
+    if isinstance(method, ASA) and method.adversary:
+        run["asa"] = asa_report(model, sst2, start.tokenizer, trained["history"],
+                                study.recipe.dev_max_length)
     write_json_atomic(out / "runs" / _run_file(name, seed), run)
     return (f"{name:14s} seed {seed}: dev accuracy {clean:.3f}, attacked "
             + " ".join(f"{a:.3f}" for a in curve)
             + f", {trained['seconds_per_step'] * 1000:.0f} ms/step")
+
+
+def asa_report(model: nn.Module, sst2: SST2Data, tokenizer: Any,
+               history: list[dict[str, Any]], max_length: int) -> dict[str, Any]:
+    """What an ASA run's adversaries do once trained, on the development set.
+
+    With the model in evaluation mode (no dropout) and the adversaries switched on:
+    per layer, the fraction of real (query, key) units masked and the fraction of real
+    query rows whose every real key is masked; the fraction masked logged during training;
+    and, for the sentences :data:`ASA_EXAMPLES`, their tokens and, per layer, the fraction
+    of the sentence's queries that mask each token.
+    """
+    plugin = next(p for p in model.encoder.attention_plugins
+                  if isinstance(p, AdversarialSelfAttention))
+    layers = len(plugin.adversaries)
+    masked_units, real_units = [0.0] * layers, 0.0
+    dead_rows, real_rows = [0.0] * layers, 0.0
+    model.eval()
+    with torch.no_grad():
+        for batch in sst2.dev_batches:
+            real = batch["attention_mask"].bool()
+            pairs = real[:, :, None] & real[:, None, :]
+            with plugin.masking(model) as masks:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch.get("token_type_ids"))
+            real_units += float(pairs.sum())
+            real_rows += float(real.sum())
+            for index, mask in enumerate(masks):
+                cut = (mask == 0) & pairs
+                masked_units[index] += float(cut.sum())
+                every_key = cut.sum(-1) == real.sum(-1, keepdim=True)  # (batch, query)
+                dead_rows[index] += float((every_key & real).sum())
+        examples = []
+        dev_sentences = data.load_sst2("dev")
+        for index in ASA_EXAMPLES:
+            text, label = dev_sentences[index]
+            batch = sst2.collator([classification_examples([text], [label], tokenizer,
+                                                           max_length)[0]])
+            with plugin.masking(model) as masks:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch.get("token_type_ids"))
+            ids = batch["input_ids"][0].tolist()
+            examples.append({"index": index, "label": label,
+                             "tokens": [tokenizer.backend.id_to_token(i) for i in ids],
+                             "masked_by_key": [[round(float(v), 4) for v in (m[0] == 0).float().mean(0)]
+                                               for m in masks]})
+    return {"masked": [m / real_units for m in masked_units],
+            "dead_rows": [d / real_rows for d in dead_rows],
+            "masked_during_training": [row["masked"] for row in history
+                                       if row.get("event") == "train" and "masked" in row],
+            "examples": examples}
 
 
 def fine_tuned(study: str | Study = "adversarial-sst2", method: str = "plain", seed: int = 0, *,
@@ -473,13 +544,14 @@ def fine_tuned(study: str | Study = "adversarial-sst2", method: str = "plain", s
 
 # -- the committed record of a study, and CI's check of it -----------------------------
 
-RECORD_NAMES = {"adversarial-sst2": "adversarial", "sift-sst2": "sift"}  # study -> record name
+RECORD_NAMES = {"adversarial-sst2": "adversarial", "sift-sst2": "sift", "asa-sst2": "asa"}  # study -> record name
 # What CI re-runs of each study: (method, seed, updates). ``None`` re-runs the whole run,
 # whose training losses and clean and attacked accuracies must match the record; a number
 # re-runs the run's first updates, whose logged training losses must match the record's
 # first ones (a SiFT run costs about three plain ones: its first 30 updates fit CI's
 # budget, the whole run does not).
-SAMPLES = {"adversarial-sst2": [("plain", 0, None)], "sift-sst2": [("SiFT", 0, 30)]}
+SAMPLES = {"adversarial-sst2": [("plain", 0, None)], "sift-sst2": [("SiFT", 0, 30)],
+           "asa-sst2": [("ASA", 0, 30)]}
 
 
 def _samples(study: Study) -> list[tuple[str, int, int | None]]:

@@ -290,11 +290,17 @@ class ASA:
         if not isinstance(self.adversary, bool):
             raise ValueError(f"adversary must be True or False, got {self.adversary!r}")
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> list[nn.Parameter]:
         """Give ``model`` its adversaries (``train`` calls this before building the
-        optimiser); nothing for ``adversary=False``."""
-        if self.adversary:
-            attach(model)
+        optimiser) and return their parameters; nothing for ``adversary=False``.
+
+        ``train`` leaves the returned parameters out of the model's gradient clipping: the
+        adversary's gradient carries the factor 10⁴ of the masked logits and would
+        otherwise dominate the clipping norm and shrink the model's update (the authors'
+        script does not clip at all)."""
+        if not self.adversary:
+            return []
+        return list(attach(model).parameters())
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]):
         inputs = model_inputs(batch)

@@ -9,7 +9,8 @@ The pieces, in the order a step uses them:
 2. The *loss step* ``(model, batch) -> (loss, logs)`` is the only place a forward pass
    happens; adversarial-training chapters wrap it (:func:`default_loss_step`). A loss step
    with an ``attach(model)`` method is given the model before the optimiser is built, to
-   add modules of its own that train with the model (chapter 2's adversaries).
+   add modules of its own that train with the model (chapter 2's adversaries); the
+   parameters it returns belong to another player, and gradient clipping leaves them out.
 3. **Loss normalisation.** A micro-batch's loss is a mean over its own targets (masked
    tokens for MLM, rows for classification). For the update to equal the gradient of
    the *global-batch* mean, each micro-batch loss is weighted by its share of the global
@@ -520,7 +521,7 @@ class _RunningMeans:
         return result
 
 
-def _train_step(forward_model: nn.Module, raw_model: nn.Module, micro_batches: list[dict[str, Any]],
+def _train_step(forward_model: nn.Module, clipped: list[nn.Parameter], micro_batches: list[dict[str, Any]],
                 loss_step: LossStep, optimizer: torch.optim.Optimizer, scaler, config: TrainConfig,
                 context: distributed.DistributedContext, autocast: Callable, running: _RunningMeans) -> None:
     is_ddp = isinstance(forward_model, nn.parallel.DistributedDataParallel)
@@ -544,7 +545,7 @@ def _train_step(forward_model: nn.Module, raw_model: nn.Module, micro_batches: l
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     # With clipping off, max_norm=inf still measures the norm for the logs (and scales by 1).
-    grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or float("inf"))
+    grad_norm = nn.utils.clip_grad_norm_(clipped, config.grad_clip or float("inf"))
     running.grad_norm += grad_norm.detach().float()
     running.steps += 1
     if scaler is not None:
@@ -666,9 +667,12 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
     # A loss step that brings modules of its own (chapter 2's adversaries) adds them here,
     # before the optimiser is built: they then train, and are checkpointed and resumed,
     # with the model. It must reuse what a model already has (a resumed run's model).
+    # attach may return parameters of another player (ASA's adversaries): their gradient is
+    # not the model's, so the model's clipping norm leaves them out (they are not clipped).
     attach = getattr(loss_step, "attach", None)
-    if callable(attach):
-        attach(raw_model)
+    players = (attach(raw_model) or ()) if callable(attach) else ()
+    others = {id(parameter) for parameter in players}
+    clipped = [parameter for parameter in raw_model.parameters() if id(parameter) not in others]
     optimizer = build_optimizer(raw_model, config, device)
     scheduler = build_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 and device.type == "cuda" else None
@@ -726,7 +730,7 @@ def train(model: nn.Module, loader: BatchLoader, config: TrainConfig | None = No
                disable=not (config.progress and context.is_main))
     for step in range(start_step, last_step):
         lr = scheduler.get_last_lr()[0]  # the rate this update uses
-        _train_step(forward_model, raw_model, loader.next_batch(), loss_step, optimizer, scaler,
+        _train_step(forward_model, clipped, loader.next_batch(), loss_step, optimizer, scaler,
                     config, context, autocast, running)
         scheduler.step()
         done = step + 1
