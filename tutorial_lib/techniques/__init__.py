@@ -3,6 +3,8 @@ data layer and (where it builds on one) another technique.
 
 * :mod:`tutorial_lib.techniques.adversarial`: chapter 1, embedding-space adversarial
   training (FGM, PGD, FreeLB, VAT, ALUM/SMART);
+* :mod:`tutorial_lib.techniques.asa`: chapter 2, adversarial self-attention (per-layer
+  adversaries as an attention plugin, the ASA loss step and its R-Drop ablation);
 * :mod:`tutorial_lib.techniques.deberta`: chapter 3, disentangled attention, the
   relative table, the enhanced mask decoder;
 * :mod:`tutorial_lib.techniques.sift`: chapter 4, scale-invariant fine-tuning (SiFT), a
