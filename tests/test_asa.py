@@ -340,7 +340,7 @@ def test_budget_counts_every_layer_and_padded_query_rows():
     padded_rows = sum(float(m.detach()[1, 6:, :6].sum()) for m in masks)
     assert padded_rows > 0  # padded queries keep units, and those count in the budget
     _, logs = asa.ASA(tau=0.5)(model, batch)
-    assert logs["budget"] == pytest.approx(sum(float(m.sum()) for m in masks) / 4, rel=1e-12)
+    assert logs["budget"] == pytest.approx(sum(float(m.detach().sum()) for m in masks) / 4, rel=1e-12)
     fractions = asa.masked_fraction(masks, batch["attention_mask"])
     real = batch["attention_mask"].bool()
     pairs = real[:, :, None] & real[:, None, :]
