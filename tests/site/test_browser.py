@@ -2,9 +2,12 @@
 
 For every page of ``_toc.yml`` this opens the built HTML and checks what a reader
 would notice first: no JavaScript errors, mathematics typeset by MathJax (no raw
-TeX left on the page), every image loaded, chapter-exercise solutions folded
+TeX left on the page), every image loaded, every image a notebook cell outputs shown
+as a numbered figure with a caption, chapter-exercise solutions folded
 until clicked, a link to open an issue in the book's repository, and, on pages made
 from notebooks, a Colab launch link to exactly that notebook in the book's repository.
+On a chapter page (``chapters/NN_<slug>``), figures and exercises are numbered per
+chapter, "Fig. NN.1", "Exercise NN.1", ..., and the title carries the same number.
 
 Build first (``make book``), install MathJax locally once
 (``npm install --prefix .cache/mathjax mathjax@3``), then run ``pytest tests/site``.
@@ -250,6 +253,68 @@ def check_images(page, server: str) -> list[str]:
     return problems
 
 
+def chapter_number(page_name: str) -> int | None:
+    """The number of a chapter page, read from its file name (chapters/02_... is 2)."""
+    match = re.match(r"chapters/(\d+)_", page_name)
+    return int(match.group(1)) if match else None
+
+
+def check_figures(page, page_name: str) -> list[str]:
+    """Every image output by a notebook cell is a figure with a number and a caption
+    (the cell's metadata {"mystnb": {"figure": {"caption": ..., "name": ...}}}); on a
+    chapter page the figures are numbered "Fig. N.1", "Fig. N.2", ... in page order."""
+    figures = page.evaluate(
+        """() => [...document.querySelectorAll('.cell_output img')].map(image => {
+            const figure = image.closest('figure');
+            const caption = figure && figure.querySelector('figcaption');
+            const part = selector => {
+                const node = caption && caption.querySelector(selector);
+                return node ? node.textContent.trim() : '';
+            };
+            return {src: image.getAttribute('src'), id: figure ? figure.id : '',
+                    number: part('.caption-number'), text: part('.caption-text')};
+        })"""
+    )
+    problems = []
+    chapter = chapter_number(page_name)
+    for position, figure in enumerate(figures, start=1):
+        where = f"output image {position} ({figure['src']})"
+        if not figure["number"]:
+            problems.append(f"{where} is not a numbered figure: give its cell a caption and a name "
+                            'in the metadata {"mystnb": {"figure": {...}}}')
+            continue
+        if not figure["text"]:
+            problems.append(f"{where}, {figure['number']}, has an empty caption")
+        if not figure["id"]:
+            problems.append(f"{where}, {figure['number']}, has no name to refer to it by")
+        if chapter is not None and figure["number"] != f"Fig. {chapter}.{position}":
+            problems.append(f"{where} is numbered {figure['number']!r}, not 'Fig. {chapter}.{position}'")
+    return problems
+
+
+def check_chapter_numbers(page, page_name: str) -> list[str]:
+    """A chapter's title starts with its number, and its exercises are numbered in
+    order "Exercise N.1", "Exercise N.2", ... (the number from the file name)."""
+    chapter = chapter_number(page_name)
+    if chapter is None:
+        return []
+    problems = []
+    title = page.locator("article.bd-article h1").first.inner_text().strip()
+    if not title.startswith(f"{chapter}. "):
+        problems.append(f"the title {title!r} does not start with the chapter's number {chapter}")
+    numbers = page.eval_on_selector_all(
+        "div.exercise > .admonition-title",
+        """titles => titles.map(title => {
+            const number = title.querySelector('.caption-number');
+            return number ? number.textContent.trim() : title.textContent.trim();
+        })""",
+    )
+    expected = [f"Exercise {chapter}.{k}" for k in range(1, len(numbers) + 1)]
+    if numbers != expected:
+        problems.append(f"exercises numbered {numbers}, not {expected}")
+    return problems
+
+
 def check_colab_links(page, page_name: str) -> list[str]:
     """The launch button of a notebook page, and every Colab link on any page."""
     prefix = colab_prefix()
@@ -331,6 +396,13 @@ def test_checks_have_something_to_check(site):
     assert any(re.search(r'class="solution dropdown', text) for text in html.values()), (
         "no page of the book has a dropdown solution"
     )
+    chapters = {name: text for name, text in html.items() if chapter_number(name) is not None}
+    assert any('<span class="caption-number">Fig. ' in text for text in chapters.values()), (
+        "no chapter has a numbered figure"
+    )
+    assert any('<span class="caption-number">Exercise ' in text for text in chapters.values()), (
+        "no chapter has a numbered exercise"
+    )
 
 
 def test_colab_check_has_notebook_pages():
@@ -349,6 +421,8 @@ def test_page(page_name, site, server, open_page):
     problems = []
     problems += check_math(page)
     problems += check_images(page, server)
+    problems += check_figures(page, page_name)
+    problems += check_chapter_numbers(page, page_name)
     problems += check_colab_links(page, page_name)
     problems += check_solutions(page)
     problems += check_issue_link(page)
