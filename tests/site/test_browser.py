@@ -18,6 +18,7 @@ from __future__ import annotations
 import mimetypes
 import re
 from dataclasses import dataclass, field
+from html import unescape
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -403,6 +404,25 @@ def test_checks_have_something_to_check(site):
     assert any('<span class="caption-number">Exercise ' in text for text in chapters.values()), (
         "no chapter has a numbered exercise"
     )
+
+
+def test_bibliography_is_author_year(site):
+    """The bibliography labels each work as the text cites it, by author and year
+    ("Vaswani et al., 2017"; a, b, c after the year for one author's works of one year),
+    and gives the URL of each work that has one, such as Su's post behind chapter 3's
+    central theorem."""
+    text = (site / "book" / "bibliography.html").read_text()
+    labels = [
+        unescape(re.sub(r"<[^>]+>", "", label)).strip("[]")
+        for label in re.findall(r'<span class="label">(.*?)</span></span>', text)
+    ]
+    assert labels, "the bibliography page has no entries"
+    author_year = re.compile(r"^\S.*, (\d{4}[a-z]?|n\.d\.)$")
+    assert [label for label in labels if not author_year.match(label)] == []
+    assert len(set(labels)) == len(labels), "two entries share a label"
+    entries = dict(re.findall(r'<span class="label">.*?\[</span>(.*?)<span.*?<p>(.*?)</p>', text, re.DOTALL))
+    flaw = [entry for entry in entries.values() if "theoretical flaw of relative position" in entry]
+    assert flaw and "https://kexue.fm/archives/9105" in flaw[0]
 
 
 def test_colab_check_has_notebook_pages():
