@@ -9,9 +9,12 @@ and divided by their mean, so a slow moment of the machine affects both sides of
 The steps: plain (``default_loss_step``), ``ASA()`` and its ablation ``ASA(adversary=False)``
 (M ≡ 1, R-Drop). Both run the encoder forward twice and back-propagate through both
 passes, so with F and B a plain step's forward and backward, measured here, their floor is
-``(2F + 2B) / (F + B) = 2``; ASA adds its adversaries (two H × H maps and a (batch,
-length, length) score per layer, forward and backward) and the masked pass's unfused
-extra score product. The book's goal is ASA ≤ 1.8×, below that floor.
+``(2F + 2B) / (F + B) = 2``. ASA adds its adversaries: per layer and token, two H × H
+maps, 4H² multiply-adds against the layer's 12H² (its four H × H attention maps and the
+4H-wide feed-forward), so about a third of the model's matrix work once more, forward and
+backward, which puts ASA's floor near 2.3 (the authors' adversary is full width); then
+the (batch, length, length) scores and the extra score product that zeroes cut units. The
+book's goal is ASA ≤ 1.8×, below both floors.
 
 The last line printed is one JSON object: the median ratio of each step, the floor and
 the goal.
