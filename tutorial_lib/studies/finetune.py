@@ -335,7 +335,7 @@ STUDIES = {
 }
 
 # Development sentences whose masks an ASA run records (indices into the dev set, whose
-# order is the data file's): four sentences of 14 to 34 tokens, three negative and one positive.
+# order is the data file's): four sentences of 15 to 34 tokens, three negative and one positive.
 ASA_EXAMPLES = (1, 8, 15, 30)
 
 
