@@ -40,7 +40,8 @@ TECHNIQUE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
 })
 
 # Top-level modules that are not a folder: their layer.
-TOP_LEVEL = {"assembly": "assembly", "interop": "interop", "train": "package", "": "package"}
+TOP_LEVEL = {"assembly": "assembly", "interop": "interop", "train": "package", "source": "package",
+             "": "package"}
 FOLDERS = ("core", "data", "training", "techniques", "studies")
 
 # The tutorial_lib layers each layer may import (techniques: see TECHNIQUE_IMPORTS too).

@@ -58,4 +58,10 @@ def test_every_notebook_names_the_repository_and_branch_of_the_config():
     # notebooks extra, everything a lab imports.
     assert f"colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/exercises/x.ipynb" in rewritten
     assert f"  - tutorial-lib[notebooks] @ git+{url}@{branch}" in rewritten
+    # The chapters' links to the library's source, and the library's own defaults.
+    link = '"[`x.py`](https://github.com/someone/fork/blob/dev/tutorial_lib/x.py#L1-L2)"'
+    assert sync.synced(link, url, branch) == link.replace("someone/fork/blob/dev",
+                                                          f"{url.removeprefix('https://github.com/')}/blob/{branch}")
+    library = 'REPOSITORY = "https://github.com/someone/fork"\nBRANCH = "dev"\n'
+    assert sync.library_synced(library, url, branch) == f'REPOSITORY = "{url}"\nBRANCH = "{branch}"\n'
     assert sync.synced(rewritten, url, branch) == rewritten

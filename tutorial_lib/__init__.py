@@ -12,6 +12,8 @@ Its folders are its layers; each imports only those above it in this list
 * :mod:`tutorial_lib.techniques`: one module per technique of the book;
 * :mod:`tutorial_lib.assembly`: the one place that maps config options to techniques;
 * :mod:`tutorial_lib.interop`: Hugging Face ↔ tutorial_lib;
+* :mod:`tutorial_lib.source`: the library's source as the chapters show it (highlighted,
+  with a link to the lines on GitHub);
 * :mod:`tutorial_lib.studies`: the book's experiments (``python -m tutorial_lib.studies``);
   nothing else imports them.
 """
