@@ -8,7 +8,7 @@ the same prediction without them. As in the authors' code (``modeling/bert.py``,
 
 * **the adversary** of layer :math:`\ell` is one attention head of full width on the
   *detached* layer input :math:`h`:
-  :math:`s = (hW_q + b_q)(hW_k + b_k)^\top/\sqrt H`, minus :math:`10^4` on padded keys;
+  :math:`s = (hW_q + b_q)(hW_k + b_k)^\top/\sqrt d`, minus :math:`10^4` on padded keys;
 * **the mask** is :math:`M = \mathbb 1[s > 0]` (1 = keep) in the forward pass, with the
   gradient :math:`\sigma'(s)` in the backward pass (straight-through,
   :func:`straight_through`), then a gradient-reversal layer (:func:`reverse_gradient`);
@@ -39,7 +39,8 @@ so the clean pass and evaluation are the plain model's, bitwise. :class:`ASA`, t
 step, attaches the plugin itself (``train`` calls its ``attach`` before building the
 optimiser, so the adversaries train and are checkpointed with the model).
 ``ASA(adversary=False)`` is the ablation "M ≡ 1": a second, unmasked pass, i.e. R-Drop's
-consistency loss, which ASA contains.
+consistency loss with α = 1 and the task loss on the clean pass only (R-Drop puts it on
+both passes), which ASA contains.
 
 The masked logits also drop the padding mask of the core for the layer's own, as the
 code does: padded keys have :math:`M = 0` and logit :math:`-10^4`, which differs from a
@@ -122,7 +123,8 @@ class Adversary(nn.Module):
 
     def scores(self, hidden_states: torch.Tensor,
                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``s`` (batch, query, key): ``q·kᵀ/√H``, minus 10⁴ on padded keys."""
+        """``s`` (batch, query, key): ``q·kᵀ/√d``, minus 10⁴ on padded keys
+        (``d = hidden_size``)."""
         q, k = self.query(hidden_states), self.key(hidden_states)
         s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.hidden_size)
         if key_padding_mask is not None:
@@ -274,10 +276,11 @@ class ASA:
 
     ``tau`` is the code's ``--tau`` (0.5): the budget's weight is ``tau²``.
     ``adversary=False`` is the ablation "M ≡ 1": the second pass is unmasked, the loss is
-    R-Drop's ``CE + ½(KL + KL)`` and there are no adversaries.
+    ``CE + ½(KL + KL)`` (R-Drop's consistency term with α = 1, the task loss on the clean
+    pass only) and there are no adversaries.
 
     Cost per step: two forward passes and one backward pass through both, plus one
-    ``H × H`` query and key map per layer for the adversaries.
+    ``d × d`` query and key map per layer (``d = hidden_size``) for the adversaries.
     """
 
     tau: float = 0.5
