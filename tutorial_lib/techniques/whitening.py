@@ -38,8 +38,8 @@ The authors' code (bojone/BERT-whitening, ``compute_kernel_bias``) takes the SVD
 ``ddof=1`` here reproduces it, the paper's :math:`1/N` is ``ddof=0`` (the default).
 The code's :math:`\Sigma` is the paper's times :math:`N/(N-1)`, so its output is the
 paper's times :math:`((N-1)/N)^{\gamma/2}`: a global scale, which no cosine sees. Its
-``first_last_avg`` pooling sums the first layer's output and the last one's, here
-they are averaged (half the sum: again a scale). "First layer" is the first
+``first_last_avg`` pooling averages the first layer's token mean and the last one's
+(keras' ``Average``), as here. "First layer" is the first
 Transformer layer's output, ``all_hidden_states[1]``, not the embeddings ``[0]``.
 
 Statistics are accumulated in float64 over batches (:class:`WhiteningStats`), so a
