@@ -397,3 +397,43 @@ def test_gau_options_need_the_gau_block_and_no_alibi():
     with pytest.raises(ValueError, match="alibi"):
         tiny_gau(alibi=True)
     assert GAUOptions.of(tiny_gau(gau={"normaliser": "softmax"})).normaliser == "softmax"
+
+
+# -- the shipped config: the training command line trains and resumes a GAU stack ----------
+
+def test_the_gau_preset_trains_and_resumes_with_the_command_line(tmp_path, capsys):
+    import importlib
+    cli = importlib.import_module("tutorial_lib.training.cli")
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "mlm_wikitext2_gau_cpu.json"
+    values = json.loads(shipped.read_text())
+    config = cli.load_run_config(shipped)
+    model_config = gau.TransformerConfig.preset(config.model.preset, vocab_size=8000,
+                                                **config.model.overrides)
+    layer = gau.TransformerConfig.preset("cpu-notebook", hidden_size=128, num_layers=4,
+                                         num_heads=2, intermediate_size=512, vocab_size=8000)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in build_model("mlm", model_config).parameters())
+        baseline = sum(p.numel() for p in build_model("mlm", layer).parameters())
+    assert model_config.block == "gau" and abs(ours / baseline - 1) < 0.05
+    # The same config at test size: offline data, 4 + 2 updates.
+    values["model"]["overrides"].update(hidden_size=32, num_layers=2, intermediate_size=64,
+                                        max_position_embeddings=32)
+    values["tokenizer"]["vocab_size"] = 600
+    values["data"].update(max_length=24, max_train_lines=120, max_eval_lines=40,
+                          eval_sequences=16, eval_batch_size=8, download=False)
+    values["batch"]["global_batch_size"] = 8
+    values["training"].update(steps=4, log_every=2, eval_every=2, save_every=2, device="cpu",
+                              progress=False)
+    path = tmp_path / "gau.json"
+    path.write_text(json.dumps(values))
+    out = tmp_path / "out"
+    assert cli.main(["--config", str(path), "--out", str(out)]) == 0
+    saved = gau.TransformerConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert saved.block == "gau" and GAUOptions.of(saved).normaliser == "relu2"
+    expected = ckpt.read_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
+    assert cli.main(["--config", str(path), "--out", str(out), "--resume", "--max-steps", "6"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [2, 4, 6]
+    assert all(math.isfinite(r.get("loss", r.get("eval_loss", 0.0))) for r in records)
+    assert expected is not None and ckpt.latest_checkpoint(out / "checkpoints").name == \
+        "step-00000006"
