@@ -156,7 +156,7 @@ def test_gau_alpha_layer_matches_the_gau_alpha_package(lengths):
         ours, _ = block(x, context(len(lengths), total, mask), [p.double() for p in plugins])
     real = mask[..., None].expand_as(ours)
     error = (ours - expected)[real].abs().max().item()
-    assert error < 1e-10, error
+    assert error < 1e-8, error  # the port takes log(ℓ) of an integer tensor: float32
 
 
 def test_softmax_plus_counts_at_least_16_keys_where_the_port_does_not():

@@ -307,7 +307,8 @@ class GAUBlock(nn.Module):
         scores = q @ k.transpose(-1, -2) if content is None else content  # (batch, 1, q, k)
         if options.normaliser != "relu2_code":
             scores = scores / math.sqrt(self.head_dim)
-        scores = scores * scale
+        if not (isinstance(scale, float) and scale == 1.0):  # skip an n x n pass when unscaled
+            scores = scores * scale
         if bias is not None:
             scores = scores + bias
         if options.normaliser.startswith("relu2"):
@@ -330,7 +331,10 @@ class GAUBlock(nn.Module):
         else:
             q, k = self.offset_scale(z)
         weights = self.attention_weights(q[:, None], k[:, None], ctx, plugins)
-        attended = F.dropout(weights, self.attention_dropout, self.training)[:, 0] @ v
+        dropped = weights
+        if self.training and self.attention_dropout > 0:
+            dropped = F.dropout(weights, self.attention_dropout)
+        attended = dropped[:, 0] @ v
         return self.output(u * attended), (weights if need_weights else None)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext,
