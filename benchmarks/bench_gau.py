@@ -7,7 +7,9 @@ benchmark runs both, pre-LN, RoPE on, forward and backward (a squared-mean loss 
 output, gradients to the weights and the input), in training mode without dropout, at
 sequence lengths that double (128 ... 2048 by default), in one process. The Transformer
 layer's attention is PyTorch's fused ``scaled_dot_product_attention``; the GAU's is
-written out (one head: a (batch, n, n) score matrix per GAU).
+written out (one head: a (batch, n, n) score matrix per GAU). A third variant, unless
+``--chunk-size 0``, is a pair of FLASH blocks (``chunk_size`` c = 256: quadratic
+attention within chunks, linear across them), whose cost grows linearly in n.
 
 The two are timed in interleaved rounds and the median is kept; peak memory is the
 high-water mark of one step's allocations (the profiler's, as in ``bench_encoder.py``);
@@ -25,6 +27,7 @@ GAU/Transformer ratios, the exponents, the parameter counts and the goal.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -49,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--key-size", type=int, default=64, help="the GAU's s (default 64)")
     parser.add_argument("--normaliser", default="relu2", choices=NORMALISERS,
                         help="the GAU's normaliser (default relu2)")
+    parser.add_argument("--chunk-size", type=int, default=256,
+                        help="FLASH's chunk c for a third variant, a FLASH pair (default 256; "
+                             "0 leaves it out)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 256, 512, 1024, 2048],
                         help="sequence lengths (default 128 256 512 1024 2048)")
@@ -74,8 +80,14 @@ def build(args):
     torch.manual_seed(0)
     layer = torch.nn.ModuleList([TransformerBlock(layer_config, 0)]).train()
     pair = torch.nn.ModuleList([GAUBlock(gau_config, 0), GAUBlock(gau_config, 1)]).train()
-    return {"transformer": (layer, [RotaryEmbedding(layer_config.head_dim)]),
-            "gau_pair": (pair, [RotaryEmbedding(gau_config.head_dim)])}
+    variants = {"transformer": (layer, [RotaryEmbedding(layer_config.head_dim)]),
+                "gau_pair": (pair, [RotaryEmbedding(gau_config.head_dim)])}
+    if args.chunk_size:
+        flash_config = dataclasses.replace(
+            gau_config, extra={"gau": {"normaliser": "relu2", "chunk_size": args.chunk_size}})
+        flash = torch.nn.ModuleList([GAUBlock(flash_config, 0), GAUBlock(flash_config, 1)]).train()
+        variants["flash_pair"] = (flash, [RotaryEmbedding(gau_config.head_dim)])
+    return variants
 
 
 def step_function(blocks: torch.nn.ModuleList, plugins: list, x: torch.Tensor, causal: bool):
@@ -131,12 +143,19 @@ def main() -> None:
             times["gau_pair"][-1] / times["transformer"][-1], 3)
         result["peak_memory_ratio_gau_vs_transformer"] = round(
             memory["gau_pair"][-1] / max(1, memory["transformer"][-1]), 3)
+        if "flash_pair" in steps:
+            result["time_ratio_flash_vs_transformer"] = round(
+                times["flash_pair"][-1] / times["transformer"][-1], 3)
+            result["peak_memory_ratio_flash_vs_transformer"] = round(
+                memory["flash_pair"][-1] / max(1, memory["transformer"][-1]), 3)
         per_length[f"n{seq}"] = result
         print(f"n {seq}: " + ", ".join(
             f"{name} {times[name][-1] * 1e3:.1f} ms / {memory[name][-1] / 2**20:.1f} MiB"
             for name in steps) + f"; GAU pair / Transformer: time "
               f"{result['time_ratio_gau_vs_transformer']}, memory "
-              f"{result['peak_memory_ratio_gau_vs_transformer']}")
+              f"{result['peak_memory_ratio_gau_vs_transformer']}"
+              + (f"; FLASH pair / Transformer: time {result['time_ratio_flash_vs_transformer']}"
+                 if "flash_pair" in steps else ""))
 
     exponents = {}
     if len(args.seqs) > 1:
@@ -152,14 +171,21 @@ def main() -> None:
     judged = [per_length[f"n{seq}"]["time_ratio_gau_vs_transformer"] for seq in args.seqs
               if seq >= GOAL["time_ratio_at_or_above_n"]]
     goal_met = bool(judged) and max(judged) <= GOAL["max_time_ratio"]
+    flash_judged = [per_length[f"n{seq}"].get("time_ratio_flash_vs_transformer") for seq in args.seqs
+                    if seq >= GOAL["time_ratio_at_or_above_n"] and args.chunk_size]
     print(f"goal: GAU pair / Transformer time <= {GOAL['max_time_ratio']} at n >= "
           f"{GOAL['time_ratio_at_or_above_n']}: "
           + ("not measured (no such n)" if not judged else ("met" if goal_met else "not met")))
+    if flash_judged:
+        print(f"the same goal for the FLASH pair (c = {args.chunk_size}): "
+              + ("met" if max(flash_judged) <= GOAL["max_time_ratio"] else "not met"))
     print(json.dumps({"benchmark": "gau_pair_vs_transformer_layer", "device": "cpu",
                       "threads": torch.get_num_threads(), "causal": args.causal,
                       "normaliser": args.normaliser, "rounds": args.rounds,
                       "parameters": parameters, **per_length, **exponents, "goal": GOAL,
-                      "goal_met": goal_met if judged else None}))
+                      "goal_met": goal_met if judged else None,
+                      "flash_goal_met": (max(flash_judged) <= GOAL["max_time_ratio"])
+                      if flash_judged else None, "chunk_size": args.chunk_size}))
 
 
 if __name__ == "__main__":

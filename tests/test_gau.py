@@ -437,3 +437,99 @@ def test_the_gau_preset_trains_and_resumes_with_the_command_line(tmp_path, capsy
     assert all(math.isfinite(r.get("loss", r.get("eval_loss", 0.0))) for r in records)
     assert expected is not None and ckpt.latest_checkpoint(out / "checkpoints").name == \
         "step-00000006"
+
+
+# -- FLASH: mixed chunk attention (chunk_size) ----------------------------------------------
+
+def test_flash_matches_flash_pytorch_bidirectional():
+    """flash-pytorch's FLASH (T5 table zeroed, no token shift, no rotary): quadratic
+    relu²(qkᵀ/c) in chunks plus linear attention over all keys divided by n."""
+    hidden, key_size, chunk = 32, 16, 4
+    for length in (12, 13):  # a whole number of chunks, and a padded last chunk
+        torch.manual_seed(0)
+        reference = flash_pytorch.FLASH(dim=hidden, group_size=chunk, query_key_dim=key_size,
+                                        expansion_factor=2.0, causal=False, dropout=0.0,
+                                        shift_tokens=False).double().eval()
+        config = gau_config("tiny", hidden_size=hidden, num_heads=hidden // key_size,
+                            norm_position="pre", layer_norm_eps=reference.norm.eps,
+                            gau={"normaliser": "relu2_code", "chunk_size": chunk})
+        block = GAUBlock(config).double().eval()
+        e = block.expanded_size
+        with torch.no_grad():
+            reference.rel_pos_bias.relative_attention_bias.weight.zero_()
+            reference.qk_offset_scale.beta.normal_()
+            w, b = reference.to_hidden[0].weight, reference.to_hidden[0].bias
+            block.project.weight.copy_(torch.cat([w[e:], w[:e], reference.to_qk[0].weight]))
+            block.project.bias.copy_(torch.cat([b[e:], b[:e], reference.to_qk[0].bias]))
+            block.offset_scale.gamma.copy_(reference.qk_offset_scale.gamma)
+            block.offset_scale.beta.copy_(reference.qk_offset_scale.beta)
+            block.output.load_state_dict(reference.to_out.state_dict())
+            block.norm.load_state_dict(reference.norm.state_dict())
+        x = torch.randn(2, length, hidden, dtype=torch.float64) * 3
+        with torch.no_grad():
+            expected = reference(x)
+            ours, _ = block(x, context(2, length))
+        assert (ours - expected).abs().max() < 1e-12, length
+
+
+def dense_flash(block, z, v, real, causal):
+    """FLASH from its definition, one query at a time, in float64."""
+    c, s = block.options.chunk_size, block.head_dim
+    quad_q, lin_q, quad_k, lin_k = block.offset_scale(z)
+    out = torch.zeros_like(v)
+    for b in range(z.shape[0]):
+        for i in range(z.shape[1]):
+            for j in range(z.shape[1]):
+                if not real[b, j]:
+                    continue
+                same = i // c == j // c
+                if same and (not causal or j <= i):
+                    score = quad_q[b, i] @ quad_k[b, j] / math.sqrt(s)
+                    out[b, i] += torch.relu(score) ** 2 / c * v[b, j]
+                if not causal or j // c < i // c:
+                    seen = real[b] if not causal else real[b] & (torch.arange(z.shape[1]) // c < i // c)
+                    out[b, i] += (lin_q[b, i] @ lin_k[b, j]) * v[b, j] / seen.sum()
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_matches_its_definition(causal):
+    config = gau_config("tiny", hidden_size=32, num_heads=2, causal=causal,
+                        gau={"normaliser": "relu2", "chunk_size": 4})
+    torch.manual_seed(0)
+    block = GAUBlock(config).double().eval()
+    with torch.no_grad():
+        block.offset_scale.gamma.normal_()
+        block.offset_scale.beta.normal_()
+    z = torch.randn(2, 11, 16, dtype=torch.float64)
+    v = torch.randn(2, 11, 64, dtype=torch.float64)
+    real = padding((11, 7), 11)
+    ours = block.flash_attention(z, v, context(2, 11, real, causal))
+    expected = dense_flash(block, z, v, real, causal)
+    assert (ours - expected)[real].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("task", ["mlm", "causal-lm"])
+def test_flash_blocks_are_padding_invariant_and_causal(task):
+    causal = task == "causal-lm"
+    config = tiny_gau(causal=causal, norm_position="pre", rotary=True, position_embedding="none",
+                      initializer_range=0.5, gau={"chunk_size": 3})
+    torch.manual_seed(0)
+    model = build_model(task, config).eval()
+    ids, _ = ids_and_mask(0, lengths=(10,))
+    padded = torch.cat([ids, torch.randint(5, VOCAB, (1, 4))], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 4)], dim=1).long()
+    changed = ids.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % VOCAB
+    with torch.no_grad():
+        alone, masked = model(ids).logits, model(padded, mask).logits
+        other = model(changed).logits
+    assert torch.allclose(masked[:, :10], alone, atol=1e-5)
+    if causal:
+        assert torch.equal(other[:, :7], alone[:, :7]) and not torch.allclose(other[:, 7:], alone[:, 7:])
+    else:
+        assert not torch.allclose(other[:, :7], alone[:, :7])
+    block = GAUBlock(config)
+    assert sum(p.numel() for p in block.parameters()) == gau_parameter_count(32, 64, 16, maps=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        tiny_gau(gau={"chunk_size": 4, "normaliser": "softmax"})

@@ -44,9 +44,10 @@ Conventions this module fixes and the tests pin:
 
 Which parts of the released code this follows: the single dense layer and split of
 GAU-α's ``GatedAttentionUnit`` (bert4keras), the OffsetScale of the paper's pseudo-code,
-the relu² of the paper's text by default. Not here: FLASH's chunked linear variant
-(derived in chapter 6), and the T5 relative bias, token shift and scaled sinusoids of
-``flash-pytorch``.
+the relu² of the paper's text by default. ``chunk_size`` turns the unit into FLASH's
+mixed chunk attention (:meth:`GAUBlock.flash_attention`: quadratic relu² within chunks of
+``c``, linear attention across them). Not here: the T5 relative bias, token shift and
+scaled sinusoids of ``flash-pytorch``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class GAUOptions:
     norm: str = "layer_norm"
     bias: bool = True
     offset_scale_init: str = "normal"
+    # FLASH's mixed chunk attention: None is the quadratic GAU; an integer c cuts the
+    # sequence into chunks of c (see flash_attention).
+    chunk_size: int | None = None
 
     def __post_init__(self):
         if not is_number(self.expansion) or self.expansion <= 0:
@@ -105,6 +109,14 @@ class GAUOptions:
             raise ValueError(f"gau norm must be one of {NORMS}, got {self.norm!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"gau bias must be True or False, got {self.bias!r}")
+        if self.chunk_size is not None:
+            if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) \
+                    or self.chunk_size < 1:
+                raise ValueError(f"gau chunk_size must be None or an integer >= 1, "
+                                 f"got {self.chunk_size!r}")
+            if not self.normaliser.startswith("relu2") or self.normaliser_length is not None:
+                raise ValueError("gau chunk_size (FLASH) works with the relu2 or relu2_code "
+                                 "normaliser and no normaliser_length: a chunk's n is c")
         if self.offset_scale_init not in OFFSET_SCALE_INITS:
             raise ValueError(f"gau offset_scale_init must be one of {OFFSET_SCALE_INITS}, "
                              f"got {self.offset_scale_init!r}")
@@ -262,7 +274,9 @@ class GAUBlock(nn.Module):
         # One dense layer for U, V and Z (as GAU-α's i_dense), split after the SiLU.
         self.project = nn.Linear(config.hidden_size, 2 * self.expanded_size + self.head_dim,
                                  bias=options.bias)
-        self.offset_scale = OffsetScale(self.head_dim, heads=2, offset=options.bias,
+        # FLASH: four maps of Z, in the order quad_q, lin_q, quad_k, lin_k (flash-pytorch's).
+        self.offset_scale = OffsetScale(self.head_dim, heads=2 if options.chunk_size is None else 4,
+                                        offset=options.bias,
                                         init=options.offset_scale_init,
                                         std=config.initializer_range)
         self.output = nn.Linear(self.expanded_size, config.hidden_size, bias=options.bias)
@@ -324,6 +338,12 @@ class GAUBlock(nn.Module):
              source: torch.Tensor | None = None, need_weights: bool = False):
         """The GAU itself, without norm and residual: (batch, n, d) -> (batch, n, d)."""
         u, v, z = self.branches(x)
+        if self.options.chunk_size is not None:
+            if source is not None or need_weights:
+                raise ValueError("a FLASH block (chunk_size set) attends to its own stream only "
+                                 "and has no attention matrix to return")
+            attended = self.flash_attention(z, v, ctx, plugins)
+            return self.output(u * attended), None
         if source is not None:  # attend to another stream: its keys and values
             _, v, z_source = self.branches(source)
             q, _ = self.offset_scale(z)
@@ -336,6 +356,65 @@ class GAUBlock(nn.Module):
             dropped = F.dropout(weights, self.attention_dropout)
         attended = dropped[:, 0] @ v
         return self.output(u * attended), (weights if need_weights else None)
+
+    def flash_attention(self, z: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                        plugins=()) -> torch.Tensor:
+        r"""FLASH's mixed chunk attention: (batch, n, s), (batch, n, e) -> (batch, n, e).
+
+        The sequence is cut into chunks of ``c`` (the last one padded). Within a chunk, the
+        quadratic relu² attention with n = c (``relu2``: :math:`\mathrm{relu}^2(qk^\top/\sqrt s)/c`;
+        ``relu2_code``: :math:`\mathrm{relu}^2(qk^\top/c)`), causal within the chunk when
+        the model is; across chunks, linear attention :math:`Q^{lin}\sum_j K^{lin\top}_j
+        V_j / N`, over every real key (bidirectional) or the real keys of the earlier
+        chunks (causal), ``N`` the number of keys summed (Su's remark: a causal prefix is
+        divided by its own length; flash-pytorch divides by n, causally by c).
+        """
+        batch, length, _ = z.shape
+        c = self.options.chunk_size
+        quad_q, lin_q, quad_k, lin_k = (t[:, None] for t in self.offset_scale(z))
+        for plugin in plugins:
+            if _overrides(plugin, "normalise") or _overrides(plugin, "content_scores") \
+                    or plugin.score_bias(self, quad_q, quad_k, ctx) is not None \
+                    or plugin.mask(self, ctx) is not None or plugin.score_scale(self, ctx) is not None:
+                raise ValueError(f"{type(plugin).__name__} changes scores, masks or the "
+                                 f"normaliser; FLASH (chunk_size) takes only RoPE-like plugins")
+            quad_q, quad_k = plugin.transform_qk(self, quad_q, quad_k, ctx)
+            lin_q, lin_k = plugin.transform_qk(self, lin_q, lin_k, ctx)
+        quad_q, lin_q, quad_k, lin_k = (t[:, 0] for t in (quad_q, lin_q, quad_k, lin_k))
+        real = ctx.key_padding_mask
+        if real is None:
+            real = torch.ones(batch, length, dtype=torch.bool, device=z.device)
+        lin_k = lin_k * real[..., None].to(lin_k.dtype)
+        chunks = -(-length // c)
+        pad = chunks * c - length
+
+        def chunked(t):  # (batch, n, dim) -> (batch, chunks, c, dim)
+            return F.pad(t, (0, 0, 0, pad)).view(batch, chunks, c, t.shape[-1])
+
+        quad_q, quad_k, lin_q, lin_k, values = map(chunked, (quad_q, quad_k, lin_q, lin_k, v))
+        allowed = F.pad(real, (0, pad)).view(batch, chunks, 1, c)  # (batch, chunks, 1, key)
+        if ctx.causal:
+            allowed = allowed & torch.ones(c, c, dtype=torch.bool, device=z.device).tril()
+        scores = quad_q @ quad_k.transpose(-1, -2)  # (batch, chunks, c, c)
+        if self.options.normaliser == "relu2":
+            weights = relu2_normalise(scores / math.sqrt(self.head_dim), allowed, c)
+        else:
+            weights = relu2_normalise(scores, allowed, c, power=2)
+        if self.training and self.attention_dropout > 0:
+            weights = F.dropout(weights, self.attention_dropout)
+        local = weights @ values  # (batch, chunks, c, e)
+        summaries = lin_k.transpose(-1, -2) @ values  # (batch, chunks, s, e), one per chunk
+        counts = allowed[..., 0, :].sum(-1) if not ctx.causal \
+            else F.pad(real, (0, pad)).view(batch, chunks, c).sum(-1)  # real keys per chunk
+        if ctx.causal:  # the chunks before this one: an exclusive cumulative sum
+            summaries = F.pad(summaries.cumsum(1), (0, 0, 0, 0, 1, 0))[:, :-1]
+            counts = F.pad(counts.cumsum(1), (1, 0))[:, :-1]
+        else:
+            summaries = summaries.sum(1, keepdim=True)
+            counts = counts.sum(1, keepdim=True)
+        divisor = counts.clamp(min=1).to(z.dtype)[..., None, None]  # (batch, chunks or 1, 1, 1)
+        glob = lin_q @ summaries / divisor  # (batch, chunks, c, e)
+        return (local + glob).reshape(batch, chunks * c, -1)[:, :length]
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext,
                 plugins: tuple[AttentionPlugin, ...] = (),
@@ -360,12 +439,13 @@ EXTENSIONS.register_block(BLOCK, GAUBlock)
 
 
 def gau_parameter_count(hidden_size: int, expanded_size: int, key_size: int,
-                        bias: bool = True, norm: str = "layer_norm") -> int:
-    """Parameters of one GAU block: dense d→2e+s, OffsetScale, dense e→d, its norm."""
+                        bias: bool = True, norm: str = "layer_norm", maps: int = 2) -> int:
+    """Parameters of one GAU block: dense d→2e+s, OffsetScale, dense e→d, its norm
+    (``maps``: OffsetScale's maps of Z, 2 for the GAU, 4 for FLASH)."""
     d, e, s = hidden_size, expanded_size, key_size
-    count = d * (2 * e + s) + e * d + 2 * s  # the two dense layers and γ
+    count = d * (2 * e + s) + e * d + maps * s  # the two dense layers and γ
     if bias:
-        count += (2 * e + s) + d + 2 * s  # their biases and β
+        count += (2 * e + s) + d + maps * s  # their biases and β
     count += {"layer_norm": 2 * d, "scale_norm": 1, "rms": 0}[norm]
     return count
 
