@@ -137,3 +137,24 @@ def test_unargmaxable_benchmark_prints_stages_as_last_line():
     assert report["quick_agrees_with_reference"] is True
     sample = report["lp_sample"]
     assert len(sample["classes"]) == len(sample["seconds"]) == len(sample["full_seconds"]) == 2
+
+
+def test_gau_benchmark_prints_ratios_and_exponents_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_gau.py", "--hidden", "16", "--heads", "2",
+         "--key-size", "8", "--chunk-size", "8", "--seqs", "16", "32", "--rounds", "2",
+         "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for seq in ("n16", "n32"):
+        for name in ("transformer", "gau_pair", "flash_pair"):
+            assert report[seq][f"{name}_ms"] > 0 and report[seq][f"{name}_peak_mib"] >= 0
+        assert report[seq]["time_ratio_gau_vs_transformer"] > 0
+        assert report[seq]["time_ratio_flash_vs_transformer"] > 0
+        assert report[seq]["peak_memory_ratio_gau_vs_transformer"] > 0
+    for kind in ("time_exponent", "peak_memory_exponent"):
+        assert set(report[kind]) == {"transformer", "gau_pair", "flash_pair"}
+    assert report["goal"] == {"time_ratio_at_or_above_n": 512, "max_time_ratio": 1.0}
+    assert report["goal_met"] is None and report["flash_goal_met"] is None  # no n >= 512
+    assert 1.0 < report["parameters"]["gau_pair"] / report["parameters"]["transformer"] < 1.2

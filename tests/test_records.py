@@ -7,7 +7,7 @@ import pytest
 
 from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
-from tutorial_lib.studies import (finetune, length, position, pretraining, records, sift,
+from tutorial_lib.studies import (finetune, gau, length, position, pretraining, records, sift,
                                   unargmaxable, whitening)
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
@@ -119,6 +119,7 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("adversarial", "cpu", lambda: finetune.study_key("adversarial-sst2")),
     ("positions", "cpu", lambda: position.study_key(pretrained.RECIPES["cpu"])),
     ("length", "cpu", lambda: length.study_key(length.LENGTH_RECIPES["cpu"])),
+    ("gau", "cpu", lambda: gau.study_key(gau.GAU_RECIPES["cpu"])),
     ("sift", "cpu", lambda: finetune.study_key("sift-sst2")),
     ("asa", "cpu", lambda: finetune.study_key("asa-sst2")),
     ("sift-scale", "cpu", sift.study_key),

@@ -9,6 +9,7 @@ registry when the package is imported:
   :func:`~tutorial_lib.core.model.position_options` on a trained model;
 * DeBERTa's relative table and disentangled-attention plugin (chapter 3) when
   ``config.relative_attention`` is set;
+* the gated attention unit's block (chapter 6), ``config.block = "gau"``;
 * each technique's checks of the config options it owns.
 
 A new chapter whose technique is switched on by a config option adds one line here;
@@ -22,7 +23,7 @@ from tutorial_lib.core.attention import AttentionPlugin
 from tutorial_lib.core.config import TransformerConfig, register_config_check
 from tutorial_lib.core.model import EXTENSIONS
 from tutorial_lib.core.positions import RotaryEmbedding
-from tutorial_lib.techniques import deberta, extrapolation
+from tutorial_lib.techniques import deberta, extrapolation, gau
 from tutorial_lib.techniques.extrapolation import (ALiBi, LogNScaling, ReRotaryEmbedding,
                                                    SlidingWindowMask, ntk_scaled_base)
 
@@ -52,5 +53,6 @@ def position_plugins(config: TransformerConfig) -> list[AttentionPlugin]:
 EXTENSIONS.position_plugins = position_plugins
 register_config_check(extrapolation.check_config)
 register_config_check(deberta.check_config)
+register_config_check(gau.check_config)  # block="gau" (chapter 6) registers itself on import
 if deberta.extend_encoder not in EXTENSIONS.encoder_extensions:
     EXTENSIONS.encoder_extensions.append(deberta.extend_encoder)

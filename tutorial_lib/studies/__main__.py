@@ -20,8 +20,8 @@ import argparse
 import time
 from typing import Callable
 
-from tutorial_lib.studies import (baseline, finetune, length, position, pretraining, records,
-                                  sift, unargmaxable, whitening)
+from tutorial_lib.studies import (baseline, finetune, gau, length, position, pretraining,
+                                  records, sift, unargmaxable, whitening)
 from tutorial_lib.studies.harness import build_message
 
 
@@ -97,6 +97,12 @@ def _length(scale, args, log):
     return [], result.built_now, result.path
 
 
+def _gau(scale, args, log):
+    result = gau.run_gau_study(scale, cache_dir=args.cache_dir, rebuild=args.rebuild,
+                               workers=args.workers or 1, log=log)
+    return [], result.built_now, result.path
+
+
 CHECKS = {
     "baseline": lambda scale, args, log: baseline.check_baseline(scale, cache_dir=args.cache_dir),
     "pretraining": lambda scale, args, log: pretraining.check_pretraining_study(
@@ -112,6 +118,7 @@ CHECKS = {
     "positions": lambda scale, args, log: position.check_position_study(
         scale, cache_dir=args.cache_dir, log=log),
     "length": lambda scale, args, log: length.check_length_study(scale, log=log),
+    "gau": lambda scale, args, log: gau.check_gau_study(scale, log=log),
     "whitening": lambda scale, args, log: whitening.check_whitening_study(
         cache_dir=args.cache_dir, log=log),
     "unargmaxable": lambda scale, args, log: unargmaxable.check_unargmaxable_study(
@@ -139,6 +146,9 @@ RECORDERS = {
     "length": lambda scale, args, log: length.record_length_study(
         scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2,
         log=log),
+    "gau": lambda scale, args, log: gau.record_gau_study(
+        scale, cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 1,
+        log=log),
     "whitening": lambda scale, args, log: whitening.record_whitening_study(
         cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
     "unargmaxable": lambda scale, args, log: unargmaxable.record_unargmaxable_study(
@@ -163,6 +173,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
              ("cpu",), _sift),
     "sift-scale": ("chapter 4: embedding scales, and what one perturbation size means",
                    ("cpu",), _sift_scale),
+    "gau": ("chapter 6: GAU vs Transformer per update and second; GAU normalisers across lengths",
+            tuple(sorted(gau.GAU_RECIPES)), _gau),
     "whitening": ("chapter 7: BERT-whitening of MiniLM and the CPU baseline on STS-B",
                   ("cpu",), _whitening),
     "unargmaxable": ("chapter 8: unargmaxable classes of random and real softmax layers",

@@ -11,6 +11,9 @@ data layer and (where it builds on one) another technique.
   perturbation of the normalised embedding sum built on :mod:`.adversarial`'s sites;
 * :mod:`tutorial_lib.techniques.extrapolation`: chapter 5, length extrapolation
   (NTK-aware RoPE, ReRoPE, ALiBi, log-n scaling, windows, random positions);
+* :mod:`tutorial_lib.techniques.gau`: chapter 6, the gated attention unit (GAU, FLASH's
+  quadratic layer) as the block ``"gau"``, with the normalisers relu²/n (the paper's text
+  and its code), softmax and GAU-α's log-n softmax;
 * :mod:`tutorial_lib.techniques.whitening`: chapter 7, BERT-whitening with β and γ,
   sentence pooling, Spearman's correlation;
 * :mod:`tutorial_lib.techniques.unargmaxable`: chapter 8, which classes of a softmax
