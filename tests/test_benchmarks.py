@@ -137,3 +137,17 @@ def test_unargmaxable_benchmark_prints_stages_as_last_line():
     assert report["quick_agrees_with_reference"] is True
     sample = report["lp_sample"]
     assert len(sample["classes"]) == len(sample["seconds"]) == len(sample["full_seconds"]) == 2
+
+
+def test_ladder_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_ladder.py", "--model", "random", "--preset", "tiny",
+         "--vocab", "100", "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["goals"] == {"memory": 0.4, "time": 0.6, "accuracy_points": 2.0}
+    assert set(report["memory_ratio_vs_full"]) == set(report["step_time_ratio_vs_full"]) == {"lst"}
+    assert 0 < report["memory_ratio_vs_full"]["lst"] < 1  # fewer bytes by construction
+    assert math.isfinite(report["step_time_ratio_vs_full"]["lst"])
+    assert report["step_time_ratio_vs_full"]["lst"] > 0
