@@ -298,8 +298,23 @@ def test_pruning_keeps_the_most_important_units():
     assert torch.equal(block.up.weight, source.up.weight[units][:, kept])
     assert torch.equal(block.down.weight, source.down.weight[kept][:, units])
     # query and key keep the same dimensions of each head (their dot product stays a sum)
-    qk = model.blocks[2].attention.query.weight
-    assert qk.shape == (8, 8)
+    query, key = model.blocks[2].attention.query, model.blocks[2].attention.key
+    origin = model.backbone.layers[2].attention
+    rows = [torch.nonzero((origin.query.weight[:, kept] == row).all(-1)).item()
+            for row in query.weight]
+    assert torch.equal(key.weight, origin.key.weight[rows][:, kept])
+    assert sorted(r // 16 for r in rows) == [0] * 4 + [1] * 4  # 4 of each head's 16
+
+
+def test_pruning_to_fewer_heads_keeps_the_most_important_heads():
+    classifier, scores = importance_of()
+    model = ladder.LadderSideTuning(classifier.encoder, reduction=4, side_heads=1,
+                                    init="pruned", importance=scores, num_labels=3)
+    head = int((scores["qk"][0] + scores["value"][0]).view(2, 16).sum(-1).argmax())
+    origin = model.backbone.layers[0].attention
+    kept = scores["hidden"].topk(8).indices.sort().values
+    dims = scores["qk"][0][head * 16:(head + 1) * 16].topk(8).indices.sort().values + head * 16
+    assert torch.equal(model.blocks[0].attention.query.weight, origin.query.weight[dims][:, kept])
 
 
 # -- training with the book's loop, checkpoints -------------------------------------------------

@@ -289,12 +289,14 @@ def fisher_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
             "value": scores["value"], "ffn": scores["ffn"]}
 
 
-def _top_per_head(score: torch.Tensor, heads: int, keep: int) -> torch.Tensor:
-    """Per head, the ``keep`` dimensions of largest score, in order; (heads * keep,) indices."""
+def _head_dimensions(score: torch.Tensor, heads: int, chosen_heads: torch.Tensor,
+                     keep: int) -> torch.Tensor:
+    """In each chosen head, the ``keep`` dimensions of largest score, in order:
+    (len(chosen_heads) * keep,) indices into the backbone's hidden dimension."""
     head_dim = score.numel() // heads
-    per_head = score.view(heads, head_dim)
-    chosen = per_head.topk(keep, dim=-1).indices.sort(dim=-1).values  # (heads, keep)
-    return (chosen + torch.arange(heads)[:, None] * head_dim).reshape(-1)
+    per_head = score.view(heads, head_dim)[chosen_heads]  # (side heads, head_dim)
+    chosen = per_head.topk(keep, dim=-1).indices.sort(dim=-1).values  # (side heads, keep)
+    return (chosen + chosen_heads[:, None] * head_dim).reshape(-1)
 
 
 def _top(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -307,12 +309,18 @@ def prune_into(model: LadderSideTuning, importance: dict[str, Any]) -> None:
 
     One set of hidden units (of the summed hidden importance) serves every block, since the
     side blocks share one residual stream; each down-projection starts as the selection of
-    those units (bias zero). Needs as many side heads as the backbone has.
+    those units (bias zero). With as many side heads as the backbone has (the paper's
+    layout), every head keeps its most important 1/r of query/key and value dimensions;
+    with fewer (Su's four), the heads of largest query/key plus value importance are kept
+    first, then their most important dimensions.
     """
     config, side = model.backbone.config, model.side
-    if side.num_heads != config.num_heads:
-        raise ValueError(f"init='pruned' needs side_heads equal to the backbone's "
-                         f"{config.num_heads}, got {side.num_heads}")
+    head_dim = config.hidden_size // config.num_heads
+    head_keep = side.hidden_size // side.num_heads
+    if side.num_heads > config.num_heads or head_keep > head_dim:
+        raise ValueError(f"init='pruned' needs side_heads <= the backbone's {config.num_heads} "
+                         f"and a side head width <= {head_dim}, got {side.num_heads} heads of "
+                         f"{head_keep}")
     expected = {"hidden": (config.hidden_size,)}
     if not isinstance(importance, dict) or set(importance) != {"hidden", "qk", "value", "ffn"} \
             or tuple(importance["hidden"].shape) != expected["hidden"] \
@@ -320,15 +328,17 @@ def prune_into(model: LadderSideTuning, importance: dict[str, Any]) -> None:
         raise ValueError("importance must be fisher_importance(...) of this backbone: keys "
                          "hidden, qk, value, ffn, with one entry per layer")
     hidden = _top(importance["hidden"], side.hidden_size)
-    head_keep = side.hidden_size // side.num_heads
     for down in model.down:
         down.weight.zero_()
         down.weight[torch.arange(side.hidden_size), hidden] = 1.0
         down.bias.zero_()
     for block, layer in zip(model.blocks, model.side_layers):
         source = model.backbone.layers[layer - 1]
-        qk = _top_per_head(importance["qk"][layer - 1], config.num_heads, head_keep)
-        value = _top_per_head(importance["value"][layer - 1], config.num_heads, head_keep)
+        qk_score, value_score = importance["qk"][layer - 1], importance["value"][layer - 1]
+        per_head = (qk_score + value_score).view(config.num_heads, head_dim).sum(-1)
+        heads = _top(per_head, side.num_heads)
+        qk = _head_dimensions(qk_score, config.num_heads, heads, head_keep)
+        value = _head_dimensions(value_score, config.num_heads, heads, head_keep)
         ffn = _top(importance["ffn"][layer - 1], side.intermediate_size)
         for name, rows in (("query", qk), ("key", qk), ("value", value)):
             target, origin = getattr(block.attention, name), getattr(source.attention, name)
