@@ -158,3 +158,17 @@ def test_gau_benchmark_prints_ratios_and_exponents_as_last_line():
     assert report["goal"] == {"time_ratio_at_or_above_n": 512, "max_time_ratio": 1.0}
     assert report["goal_met"] is None and report["flash_goal_met"] is None  # no n >= 512
     assert 1.0 < report["parameters"]["gau_pair"] / report["parameters"]["transformer"] < 1.2
+
+
+def test_ladder_benchmark_prints_ratios_as_last_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_ladder.py", "--model", "random", "--preset", "tiny",
+         "--vocab", "100", "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["goals"] == {"memory": 0.4, "time": 0.6, "accuracy_points": 2.0}
+    assert set(report["memory_ratio_vs_full"]) == set(report["step_time_ratio_vs_full"]) == {"lst"}
+    assert 0 < report["memory_ratio_vs_full"]["lst"] < 1  # fewer bytes by construction
+    assert math.isfinite(report["step_time_ratio_vs_full"]["lst"])
+    assert report["step_time_ratio_vs_full"]["lst"] > 0

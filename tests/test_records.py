@@ -7,8 +7,8 @@ import pytest
 
 from tutorial_lib.studies import __main__ as studies_cli
 from tutorial_lib.studies import baseline as pretrained
-from tutorial_lib.studies import (finetune, gau, length, position, pretraining, records, sift,
-                                  unargmaxable, whitening)
+from tutorial_lib.studies import (finetune, gau, ladder, length, position, pretraining, records,
+                                  sift, unargmaxable, whitening)
 
 BASELINE = dataclasses.replace(pretrained.RECIPES["cpu"], name="test", preset="tiny",
                                vocab_size=300, max_length=32, batch_size=8, steps=2,
@@ -125,6 +125,7 @@ def test_the_command_line_check_exits_with_1_on_a_disagreeing_record(tmp_path, m
     ("sift-scale", "cpu", sift.study_key),
     ("whitening", "cpu", whitening.study_key),
     ("unargmaxable", "cpu", unargmaxable.study_key),
+    ("ladder", "cpu", ladder.study_key),
 ])
 def test_every_committed_record_was_made_by_the_code_s_recipe(name, scale, key):
     record = records.read_record(name, scale)

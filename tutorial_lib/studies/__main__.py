@@ -20,7 +20,7 @@ import argparse
 import time
 from typing import Callable
 
-from tutorial_lib.studies import (baseline, finetune, gau, length, position, pretraining,
+from tutorial_lib.studies import (baseline, finetune, gau, ladder, length, position, pretraining,
                                   records, sift, unargmaxable, whitening)
 from tutorial_lib.studies.harness import build_message
 
@@ -91,6 +91,14 @@ def _unargmaxable(scale, args, log):
     return [], built_now, entry
 
 
+def _ladder(scale, args, log):
+    if scale != "cpu":
+        raise SystemExit("the ladder study has a CPU recipe only; the GPU run is lab 9's")
+    _, entry, built_now = ladder.run_ladder_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log)
+    return [], built_now, entry
+
+
 def _length(scale, args, log):
     result = length.run_length_study(scale, cache_dir=args.cache_dir, rebuild=args.rebuild,
                                      workers=args.workers or 2, log=log)
@@ -123,6 +131,8 @@ CHECKS = {
         cache_dir=args.cache_dir, log=log),
     "unargmaxable": lambda scale, args, log: unargmaxable.check_unargmaxable_study(
         cache_dir=args.cache_dir, log=log),
+    "ladder": lambda scale, args, log: ladder.check_ladder_study(
+        cache_dir=args.cache_dir, log=log),
 }
 RECORDERS = {
     "baseline": lambda scale, args, log: baseline.record_baseline(
@@ -153,6 +163,8 @@ RECORDERS = {
         cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
     "unargmaxable": lambda scale, args, log: unargmaxable.record_unargmaxable_study(
         cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
+    "ladder": lambda scale, args, log: ladder.record_ladder_study(
+        cache_dir=args.cache_dir, rebuild=args.rebuild, workers=args.workers or 2, log=log),
 }
 
 # name -> (what it is, the scales it has, how to build it)
@@ -179,6 +191,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
                   ("cpu",), _whitening),
     "unargmaxable": ("chapter 8: unargmaxable classes of random and real softmax layers",
                      ("cpu",), _unargmaxable),
+    "ladder": ("chapter 9: ladder side-tuning vs full, last-layers and LoRA fine-tuning of MiniLM on SST-2",
+               ("cpu",), _ladder),
 }
 
 

@@ -17,5 +17,8 @@ data layer and (where it builds on one) another technique.
 * :mod:`tutorial_lib.techniques.whitening`: chapter 7, BERT-whitening with β and γ,
   sentence pooling, Spearman's correlation;
 * :mod:`tutorial_lib.techniques.unargmaxable`: chapter 8, which classes of a softmax
-  layer can be its argmax (quick certificate, braid reflect, Chebyshev LP).
+  layer can be its argmax (quick certificate, braid reflect, Chebyshev LP);
+* :mod:`tutorial_lib.techniques.ladder`: chapter 9, ladder side-tuning (a thin side
+  Transformer fed by a frozen backbone's layers through gated or added rungs, random or
+  Fisher-pruned initialisation, and what a training step holds in memory).
 """
