@@ -7,7 +7,10 @@ as a numbered figure with a caption, chapter-exercise solutions folded
 until clicked, a link to open an issue in the book's repository, and, on pages made
 from notebooks, a Colab launch link to exactly that notebook in the book's repository.
 On a chapter page (``chapters/NN_<slug>``), figures and exercises are numbered per
-chapter, "Fig. NN.1", "Exercise NN.1", ..., and the title carries the same number.
+chapter, "Fig. NN.1", "Exercise NN.1", ..., and the title carries the same number; the
+library's source is shown as highlighted code under a link to its lines in the book's
+repository (``tutorial_lib.source.show``), fitting the column of a 1440-pixel-wide window;
+and figures have twice the pixels they are shown at, for high-DPI screens.
 
 Build first (``make book``), install MathJax locally once
 (``npm install --prefix .cache/mathjax mathjax@3``), then run ``pytest tests/site``.
@@ -65,6 +68,9 @@ MATHJAX_URL = re.compile(r"/mathjax(?:@[^/]+|/\d[^/]*)/(?P<path>.+)$")
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\$[^$\n]*[\\^_{}][^$\n]*\$")
 TEXT_NOT_PROSE = "pre, code, kbd, samp, script, style, textarea, mjx-container, .highlight"
 TIMEOUT_MS = 30_000
+# The window width at which a chapter's library source must fit its column: a common
+# laptop screen. Narrower windows scroll long lines sideways.
+WIDE_WINDOW = {"width": 1440, "height": 900}
 # Runs before the page's own scripts. MathJax normally draws an undefined macro
 # such as \R as red text and carries on; with its "noundefined" package removed
 # the macro becomes a TeX error that check_math finds. The page's configuration
@@ -316,6 +322,74 @@ def check_chapter_numbers(page, page_name: str) -> list[str]:
     return problems
 
 
+def open_folded_outputs(page) -> None:
+    """Unfold the outputs a notebook hides behind a toggle (myst-nb's hide-output)."""
+    page.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
+
+
+def check_library_source(page, page_name: str) -> list[str]:
+    """On a chapter page, library source is highlighted Python under a link to its lines
+    in the book's repository, and fits the column of a 1440-pixel-wide window."""
+    if chapter_number(page_name) is None:
+        return []
+    page.set_viewport_size(WIDE_WINDOW)
+    open_folded_outputs(page)
+    blob = f"{CONFIG['repository']['url'].rstrip('/')}/blob/{CONFIG['repository']['branch']}/"
+    shown = page.evaluate(
+        """(blob) => [...document.querySelectorAll('.cell_output a[href]')]
+            .filter(link => link.getAttribute('href').startsWith(blob))
+            .map(link => {
+                // The output is a paragraph with the link, then the highlighted code.
+                const next = link.closest('p') && link.closest('p').nextElementSibling;
+                const pre = next && next.matches('div.highlight-python') ? next.querySelector('pre') : null;
+                return {href: link.getAttribute('href'),
+                        highlighted: !!(pre && pre.querySelector('span.k, span.kn')),
+                        overflow: pre ? pre.scrollWidth - pre.clientWidth : 0};
+            })""",
+        blob,
+    )
+    plain = page.evaluate(
+        """() => [...document.querySelectorAll('.cell_output pre')]
+            .filter(pre => pre.textContent.trim().startsWith('# tutorial_lib/'))
+            .map(pre => pre.textContent.trim().split('\\n')[0])"""
+    )
+    problems = [f"library source printed as plain text (use tutorial_lib.source.show): {first!r}"
+                for first in plain]
+    if not shown:
+        problems.append("no library source shown with a link to its file (tutorial_lib.source.show)")
+    for item in shown:
+        match = re.fullmatch(re.escape(blob) + r"(?P<path>[\w./\-]+)#L(?P<a>\d+)-L(?P<b>\d+)", item["href"])
+        if not match:
+            problems.append(f"source link without a line range: {item['href']}")
+            continue
+        file = REPO_ROOT / match["path"]
+        if not file.is_file():
+            problems.append(f"source link to a file the repository lacks: {item['href']}")
+        elif int(match["b"]) > len(file.read_text().splitlines()) or int(match["a"]) > int(match["b"]):
+            problems.append(f"source link to lines the file lacks: {item['href']}")
+        if not item["highlighted"]:
+            problems.append(f"the source under {item['href']} is not highlighted Python")
+        if item["overflow"] > 1:
+            problems.append(f"the source under {item['href']} is {item['overflow']} px wider than "
+                            f"the column at a {WIDE_WINDOW['width']}-px window")
+    return problems
+
+
+def check_figure_resolution(page) -> list[str]:
+    """Notebook figures carry twice the pixels they are shown at (sharp on high-DPI
+    screens: the chapters' inline format is "retina")."""
+    open_folded_outputs(page)
+    images = page.evaluate(
+        """() => [...document.querySelectorAll('.cell_output img')]
+            .filter(image => image.clientWidth > 0)
+            .map(image => ({src: image.getAttribute('src'), natural: image.naturalWidth,
+                            shown: image.clientWidth}))"""
+    )
+    return [f"figure {image['src']} has {image['natural']} px for {image['shown']} px on the page "
+            f"(blurred on a high-DPI screen: use the retina inline format)"
+            for image in images if image["natural"] < 1.9 * image["shown"]]
+
+
 def check_colab_links(page, page_name: str) -> list[str]:
     """The launch button of a notebook page, and every Colab link on any page."""
     prefix = colab_prefix()
@@ -404,6 +478,10 @@ def test_checks_have_something_to_check(site):
     assert any('<span class="caption-number">Exercise ' in text for text in chapters.values()), (
         "no chapter has a numbered exercise"
     )
+    blob = f"{CONFIG['repository']['url'].rstrip('/')}/blob/{CONFIG['repository']['branch']}/tutorial_lib/"
+    assert any(blob in text and "highlight-python" in text for text in chapters.values()), (
+        "no chapter shows the library's source with a link"
+    )
 
 
 def test_bibliography_is_author_year(site):
@@ -443,6 +521,8 @@ def test_page(page_name, site, server, open_page):
     problems += check_images(page, server)
     problems += check_figures(page, page_name)
     problems += check_chapter_numbers(page, page_name)
+    problems += check_figure_resolution(page)
+    problems += check_library_source(page, page_name)
     problems += check_colab_links(page, page_name)
     problems += check_solutions(page)
     problems += check_issue_link(page)

@@ -281,7 +281,8 @@ def _check_common(where: str, norm: str | None = None) -> None:
 
 # -- one backward for two gradients ------------------------------------------------------------
 
-def loss_and_gradients(model: nn.Module, loss: torch.Tensor, delta: torch.Tensor, weight: float = 1.0):
+def loss_and_gradients(model: nn.Module, loss: torch.Tensor, delta: torch.Tensor,
+                       weight: float = 1.0):
     """``∂loss/∂δ`` and ``weight · ∂loss/∂θ`` from one backward pass.
 
     A method that needs the gradient with respect to ``δ`` *and* the parameter

@@ -220,7 +220,8 @@ def su_variant(backbone: Encoder, *, every: int = 3, reduction: int = 6, side_he
     """Su's replication: no gate, one side block per ``every``-th backbone layer (layers
     3, 6, 9, 12 of BERT-base: four side blocks), width d/6 (128 for BERT-base) and 4 heads."""
     if not _is_int(every) or not 1 <= every <= backbone.config.num_layers:
-        raise ValueError(f"every must be an integer in [1, {backbone.config.num_layers}], got {every!r}")
+        raise ValueError(f"every must be an integer in [1, {backbone.config.num_layers}], "
+                         f"got {every!r}")
     layers = range(every, backbone.config.num_layers + 1, every)
     return LadderSideTuning(backbone, reduction=reduction, side_layers=layers, ladder="add",
                             side_heads=side_heads, **options)
@@ -228,7 +229,8 @@ def su_variant(backbone: Encoder, *, every: int = 3, reduction: int = 6, side_he
 
 # -- pruned initialisation --------------------------------------------------------------
 
-def fisher_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def fisher_importance(model: nn.Module,
+                      batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Fisher importance of every structural unit of ``model``'s encoder.
 
     ``model`` is a :class:`~tutorial_lib.core.model.SequenceClassifier` (its loss gives the
@@ -255,10 +257,12 @@ def fisher_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
     def scale(mask):
         return lambda module, args, output: output * mask
 
+    def scale_first(mask):  # a layer returns (hidden states, attention weights or None)
+        return lambda module, args, output: (output[0] * mask,) + tuple(output[1:])
+
     handles = [encoder.embeddings.register_forward_hook(scale(sites["hidden"][0]))]
     for i, layer in enumerate(encoder.layers):
-        handles += [layer.register_forward_hook(
-                        lambda module, args, output, m=sites["hidden"][i + 1]: (output[0] * m,) + tuple(output[1:])),
+        handles += [layer.register_forward_hook(scale_first(sites["hidden"][i + 1])),
                     layer.attention.query.register_forward_hook(scale(sites["query"][i])),
                     layer.attention.key.register_forward_hook(scale(sites["key"][i])),
                     layer.attention.value.register_forward_hook(scale(sites["value"][i])),
