@@ -108,6 +108,7 @@ def test_random_position_training_batches_carry_sorted_positions():
 
 def test_evaluation_restores_the_trained_options():
     chars = ls.shakespeare_chars(TEXT)
+    torch.manual_seed(0)  # the weights, whatever tests ran before
     model = CausalLM(ls.model_config(TINY, "rope", chars.vocab_size)).eval()
     before = model.config
     variant = ls.variants(TINY)["RoPE + NTK + log n"]
@@ -118,13 +119,15 @@ def test_evaluation_restores_the_trained_options():
     # At the training length NTK (factor 1) and log n (factor 1) change nothing.
     plain = ls.evaluate_variant(model, ls.variants(TINY)["RoPE"], TINY, chars)
     assert result["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-5)
-    # A window shorter than the test length does change the long one.
+    # A window shorter than the test length does change the long one. An untrained model
+    # attends almost evenly, so the change in the mean loss is small, but far above float
+    # rounding (1e-7 of it).
     windows = ls.test_windows(chars.test_ids, 16, 2)
     full, _ = ls.causal_scores(model, windows, None)
     set_position_options(model, attention_window=2)
     windowed, _ = ls.causal_scores(model, windows, None)
     set_position_options(model, attention_window=None)
-    assert windowed != pytest.approx(full, rel=1e-4)
+    assert windowed != pytest.approx(full, rel=1e-5)
 
 
 def test_study_runs_caches_and_resumes(tmp_path, monkeypatch):
