@@ -659,12 +659,7 @@ class SequenceClassifier(nn.Module):
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, hidden)."""
-        if self.pooling == "cls":
-            return torch.tanh(self.pooler(h[:, 0]))
-        if attention_mask is None:
-            return h.mean(dim=1)
-        weights = attention_mask.to(h.dtype)[..., None]  # (batch, seq, 1)
-        return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return pool_sequence(h, attention_mask, self.pooling, self.pooler)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None,
@@ -673,17 +668,34 @@ class SequenceClassifier(nn.Module):
                                     inputs_embeds, output_attentions, output_hidden_states)
         h, attentions = state.hidden_states, (state.attentions if output_attentions else None)
         logits = self.classifier(self.dropout(self.pool(h, attention_mask)))  # (batch, labels)
-        loss = None
-        if labels is not None:
-            labels = _check_labels(
-                labels, h.shape[:1], "sequence", device=logits.device,
-                classes=None if self.num_labels == 1 else ("num_labels", self.num_labels))
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.long())
+        loss = None if labels is None else sequence_loss(logits, labels, self.num_labels)
         return ModelOutput(logits=logits, hidden_states=h, loss=loss, attentions=attentions,
                            all_hidden_states=state.all_hidden_states)
+
+
+# A sequence classifier's head, for SequenceClassifier and for techniques that put another
+# network under the same head (chapter 9's side network).
+
+def pool_sequence(h: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str,
+                  pooler: nn.Module | None = None) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, hidden): ``"cls"`` is the first token through
+    ``pooler`` and tanh, ``"mean"`` the average of the unpadded tokens."""
+    if pooling == "cls":
+        return torch.tanh(pooler(h[:, 0]))
+    if attention_mask is None:
+        return h.mean(dim=1)
+    weights = attention_mask.to(h.dtype)[..., None]  # (batch, seq, 1)
+    return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def sequence_loss(logits: torch.Tensor, labels, num_labels: int) -> torch.Tensor:
+    """Cross-entropy over class ids, or MSE on scores when ``num_labels == 1``, after
+    checking the labels (:func:`_check_labels`)."""
+    labels = _check_labels(labels, logits.shape[:1], "sequence", device=logits.device,
+                           classes=None if num_labels == 1 else ("num_labels", num_labels))
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.long())
 
 
 def _check_labels(labels: torch.Tensor, expected: torch.Size, kind: str, *,

@@ -46,11 +46,11 @@ from contextlib import contextmanager
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tutorial_lib.core.config import TransformerConfig
-from tutorial_lib.core.model import Encoder, ModelOutput, TransformerBlock, init_weights
+from tutorial_lib.core.model import (Encoder, ModelOutput, TransformerBlock, init_weights,
+                                     pool_sequence, sequence_loss)
 
 LADDERS = ("gated", "add")
 INITS = ("random", "pruned")
@@ -188,12 +188,7 @@ class LadderSideTuning(nn.Module):
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(batch, seq, d) -> (batch, d), as the core's classifier pools."""
-        if self.pooling == "cls":
-            return torch.tanh(self.pooler(h[:, 0]))
-        if attention_mask is None:
-            return h.mean(dim=1)
-        weights = attention_mask.to(h.dtype)[..., None]  # (batch, seq, 1)
-        return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return pool_sequence(h, attention_mask, self.pooling, self.pooler)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, labels=None, inputs_embeds=None) -> ModelOutput:
@@ -201,17 +196,7 @@ class LadderSideTuning(nn.Module):
                                            position_ids, inputs_embeds)
         h = self.side_forward(states, ctx)
         logits = self.classifier(self.dropout(self.pool(h, attention_mask)))  # (batch, labels)
-        loss = None
-        if labels is not None:
-            if not torch.is_tensor(labels) or labels.shape != logits.shape[:1]:
-                raise ValueError(f"labels must be a tensor of shape ({logits.shape[0]},), got "
-                                 f"{tuple(labels.shape) if torch.is_tensor(labels) else labels!r}")
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                if labels.is_floating_point() or labels.min() < 0 or labels.max() >= self.num_labels:
-                    raise ValueError(f"labels must be integers in [0, num_labels={self.num_labels})")
-                loss = F.cross_entropy(logits.float(), labels.long())
+        loss = None if labels is None else sequence_loss(logits, labels, self.num_labels)
         return ModelOutput(logits=logits, hidden_states=h, loss=loss)
 
 
